@@ -1,0 +1,108 @@
+"""Backend registry and model-type detection.
+
+Backends are named by lazy ``"module:Class"`` strings: importing :mod:`mcu` imports no framework, and a
+backend's module (which imports its framework at the top) is loaded only when a call needs it. Detection looks
+only at ``sys.modules``: if torch was never imported, the object cannot be a torch module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import sys
+from typing import Any, Callable
+
+from mcu.config import Choice, configured_backend
+from mcu.errors import BackendError, BackendMismatchError, BackendNotInstalledError
+
+__all__ = ["REGISTRY", "detect", "get_backend", "installed_frameworks", "resolve"]
+
+#: canonical name -> (implementation, distributions that provide the framework, pip extra)
+REGISTRY: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "tensorflow": ("mcu.backends.tensorflow:KerasBackend", ("tensorflow", "tensorflow-cpu", "keras"), "tensorflow"),
+    "torch": ("mcu.backends.torch:TorchBackend", ("torch",), "torch"),
+}
+
+
+def _is_keras(obj: Any) -> bool:
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(obj, keras.layers.Layer)
+
+
+def _is_torch(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+# Order matters: a Keras 3 layer on the torch backend is also a torch.nn.Module.
+_DETECTORS: tuple[tuple[str, Callable[[Any], bool]], ...] = (("tensorflow", _is_keras), ("torch", _is_torch))
+_type_cache: dict[type, str | None] = {}
+
+
+def detect(model: Any) -> str | None:
+    """The canonical backend name for ``model``'s type, or ``None``; cached per type."""
+    kind = type(model)
+    if kind not in _type_cache:
+        found = next((name for name, test in _DETECTORS if test(model)), None)
+        if found is None:
+            return None  # do not cache a miss: the framework may be imported later
+        _type_cache[kind] = found
+    return _type_cache[kind]
+
+
+def installed_frameworks() -> dict[str, str | None]:
+    """Installed version of each framework (``None`` when absent), read from metadata without importing it."""
+    versions = {}
+    for name, (_, dists, _) in REGISTRY.items():
+        version = None
+        for dist in dists:
+            try:
+                version = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        versions[name] = version
+    return versions
+
+
+_instances: dict[str, Any] = {}
+
+
+def get_backend(name: str) -> Any:
+    """The backend object for a canonical name, importing its framework now."""
+    if name not in REGISTRY:
+        raise BackendError(f"backend: unknown backend {name!r}; expected one of {sorted(REGISTRY)}.")
+    if name not in _instances:
+        target, _, extra = REGISTRY[name]
+        module_name, class_name = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BackendNotInstalledError(
+                f"backend {name!r} needs a framework that is not installed ({exc}); "
+                f'install it with: pip install "mcu[{extra}]"'
+            ) from exc
+        _instances[name] = getattr(module, class_name)()
+    return _instances[name]
+
+
+def resolve(model: Any, backend: str | None = None) -> tuple[Any, Choice]:
+    """Pick the backend for ``model``: configuration first, then detection; check that they agree."""
+    choice = configured_backend(backend)
+    detected = detect(model)
+    if choice is None:
+        if detected is None:
+            raise BackendError(
+                f"model: cannot tell which framework {type(model).__module__}.{type(model).__qualname__} "
+                "belongs to; expected a torch.nn.Module or a keras Model/Layer (pass backend= explicitly)."
+            )
+        choice = Choice(detected, f"detected from the model type {type(model).__qualname__}")
+    impl = get_backend(choice.name)
+    if detected != choice.name and not impl.is_model(model):
+        owner = f", which belongs to backend {detected!r}" if detected else ""
+        fix = f"pass backend={detected!r} or change the configuration" if detected else "pass a model of that framework"
+        raise BackendMismatchError(
+            f"backend: {choice.name!r} was selected ({choice.reason}) but the model is a "
+            f"{type(model).__module__}.{type(model).__qualname__}{owner}; {fix}."
+        )
+    return impl, choice

@@ -1,0 +1,163 @@
+"""TensorFlow / Keras 3 backend: dropout-family layers run with ``training=True``, everything else in
+inference mode (BatchNormalization uses its moving statistics, augmentation layers are inactive).
+
+How: inside :meth:`KerasBackend.mc_mode` each dropout layer gets an instance-level ``call`` that forces
+``training=True``, and the model is called with ``training=False``. The instance attribute is removed on exit,
+so the layer's class behaviour is untouched. Forward passes run through a ``tf.function`` cached per model.
+The dropout layers' seed-generator states are saved and restored, so sampling leaves no trace in the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Any, Callable, Iterator
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mcu.errors import InputError, NoDropoutError
+
+__all__ = ["KerasBackend"]
+
+_DROPOUT_TYPES = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.AlphaDropout)
+# SpatialDropout1D/2D/3D subclass keras.layers.Dropout.
+_DROPOUT_NAMES = "Dropout, SpatialDropout1D, SpatialDropout2D, SpatialDropout3D, GaussianDropout, AlphaDropout"
+_MISSING = object()
+
+
+def _all_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """Every layer reachable from ``model``: nested models and layers held by subclassed models included."""
+    return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def _force_training(call: Callable[..., Any]) -> Callable[..., Any]:
+    def call_in_training_mode(*args: Any, **kwargs: Any) -> Any:
+        kwargs["training"] = True
+        return call(*args, **kwargs)
+
+    return call_in_training_mode
+
+
+def _seed_states(layers: list[keras.layers.Layer]) -> list[Any]:
+    states = []
+    for layer in layers:
+        generator = getattr(layer, "seed_generator", None)
+        if generator is not None:
+            states.append(generator.state)
+    return states
+
+
+class KerasBackend:
+    """MC dropout for Keras 3 models (Sequential, Functional, subclassed, nested) on TensorFlow."""
+
+    name = "tensorflow"
+    dropout_types = _DROPOUT_TYPES
+
+    def __init__(self) -> None:
+        self._compiled: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
+        self._mode = threading.local()
+
+    def is_model(self, obj: Any) -> bool:
+        return isinstance(obj, keras.layers.Layer)
+
+    def dropout_layers(self, model: keras.layers.Layer) -> list[keras.layers.Layer]:
+        layers = [layer for layer in _all_layers(model) if isinstance(layer, self.dropout_types)]
+        if not layers:
+            raise NoDropoutError(
+                f"model: {type(model).__qualname__} has no dropout layer, so every MC sample would be "
+                f"identical; expected at least one of keras.layers.{_DROPOUT_NAMES}."
+            )
+        return layers
+
+    @contextlib.contextmanager
+    def mc_mode(self, model: keras.layers.Layer, mode: str = "dropout") -> Iterator[None]:
+        dropouts = self.dropout_layers(model)
+        patched: list[tuple[keras.layers.Layer, Any]] = []
+        # Training mode may update BatchNorm moving statistics: snapshot every variable to restore it exactly.
+        saved = [(v, v.numpy()) for v in model.variables] if mode == "training" else []
+        previous_mode = getattr(self._mode, "value", None)
+        try:
+            if mode == "dropout":
+                for layer in dropouts:
+                    patched.append((layer, layer.__dict__.get("call", _MISSING)))
+                    layer.call = _force_training(layer.call)
+            self._mode.value = mode
+            yield
+        finally:
+            self._mode.value = previous_mode
+            for layer, original in reversed(patched):
+                if original is _MISSING:
+                    del layer.call
+                else:
+                    layer.call = original
+            for variable, value in saved:
+                variable.assign(value)
+
+    @contextlib.contextmanager
+    def seeded(self, model: keras.layers.Layer, seed: int | None) -> Iterator[None]:
+        states = _seed_states(self.dropout_layers(model))
+        originals = [state.numpy() for state in states]
+        # Fresh entropy when no seed is given: restoring the states afterwards must not replay old masks.
+        words = np.random.SeedSequence(seed).generate_state(2 * len(states), dtype=np.uint32)
+        try:
+            for i, state in enumerate(states):
+                state.assign(np.asarray([words[2 * i], words[2 * i + 1]], dtype=originals[i].dtype))
+            yield
+        finally:
+            for state, value in zip(states, originals):
+                state.assign(value)
+
+    def precision(self, model: keras.layers.Layer, precision: str) -> contextlib.AbstractContextManager:
+        if precision != "fp32":
+            raise InputError(
+                f"precision: {precision!r} is not available on the tensorflow backend in this version; "
+                "expected 'fp32' (build the model under keras.mixed_precision to run it in lower precision)."
+            )
+        return contextlib.nullcontext()
+
+    def to_tensor(self, model: keras.layers.Layer, x: Any) -> tf.Tensor:
+        if isinstance(x, np.ndarray):
+            tensor = tf.convert_to_tensor(x)
+        elif tf.is_tensor(x):
+            tensor = x
+        else:
+            raise InputError(f"x: expected a numpy array or a tf.Tensor, got {type(x).__qualname__}.")
+        if tensor.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(tensor))):
+            raise InputError("x: contains NaN or infinite values; expected finite inputs.")
+        return tensor
+
+    def _function(self, model: keras.layers.Layer, mode: str) -> Callable[[tf.Tensor], tf.Tensor]:
+        functions = self._compiled.setdefault(model, {})
+        if mode not in functions:
+            training = mode == "training"
+            functions[mode] = tf.function(lambda x: model(x, training=training), reduce_retracing=True)
+        return functions[mode]
+
+    def forward(self, model: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+        mode = getattr(self._mode, "value", None)
+        if mode is None:
+            raise RuntimeError("KerasBackend.forward must run inside mc_mode()")
+        try:
+            out = self._function(model, mode)(x)
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
+            raise InputError(
+                f"x: the model rejected inputs of per-example shape {tuple(x.shape[1:])} and dtype {x.dtype.name} "
+                f"(a pass of {x.shape[0]} rows): {exc}"
+            ) from exc
+        if not tf.is_tensor(out):
+            raise InputError(
+                f"model: expected the forward pass to return one tensor, got {type(out).__qualname__}; "
+                "wrap the model so that it returns a single tensor (e.g. concatenate mean and log-variance)."
+            )
+        return out
+
+    def repeat(self, x: tf.Tensor, n: int) -> tf.Tensor:
+        return tf.tile(x, [n] + [1] * (len(x.shape) - 1))
+
+    def to_numpy(self, t: tf.Tensor) -> np.ndarray:
+        if t.dtype in (tf.bfloat16, tf.float16):
+            t = tf.cast(t, tf.float32)
+        return t.numpy()

@@ -1,0 +1,134 @@
+"""PyTorch backend: only ``_DropoutNd`` modules in train mode, everything else in eval mode."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.nn.modules.dropout import _DropoutNd
+
+from mcu.errors import InputError, NoDropoutError
+
+__all__ = ["TorchBackend"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in model.parameters():
+        return tensor.device, tensor.dtype
+    for tensor in model.buffers():
+        return tensor.device, (tensor.dtype if tensor.is_floating_point() else torch.get_default_dtype())
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+class TorchBackend:
+    """MC dropout for ``torch.nn.Module`` models."""
+
+    name = "torch"
+    dropout_types = (_DropoutNd,)  # Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout
+
+    def is_model(self, obj: Any) -> bool:
+        keras = sys.modules.get("keras")
+        if keras is not None and isinstance(obj, keras.layers.Layer):
+            return False  # a Keras 3 layer on the torch backend belongs to the Keras backend
+        return isinstance(obj, torch.nn.Module)
+
+    def dropout_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        layers = [m for m in model.modules() if isinstance(m, self.dropout_types)]
+        if not layers:
+            raise NoDropoutError(
+                f"model: {type(model).__qualname__} has no dropout module, so every MC sample would be "
+                "identical; expected at least one of torch.nn.Dropout, Dropout1d, Dropout2d, Dropout3d, "
+                "AlphaDropout, FeatureAlphaDropout (functional F.dropout calls are not seen)."
+            )
+        return layers
+
+    @contextlib.contextmanager
+    def mc_mode(self, model: torch.nn.Module, mode: str = "dropout") -> Iterator[None]:
+        dropouts = self.dropout_layers(model)
+        flags = [(module, module.training) for module in model.modules()]
+        # In training mode BatchNorm updates its running statistics: snapshot every buffer to restore it.
+        saved = [(b, b.detach().clone()) for b in model.buffers()] if mode == "training" else []
+        try:
+            if mode == "training":
+                model.train()
+            else:
+                model.eval()
+                for module in dropouts:
+                    module.train()
+            with torch.no_grad():
+                yield
+        finally:
+            for module, flag in flags:
+                module.training = flag
+            with torch.no_grad():
+                for buffer, copy in saved:
+                    buffer.copy_(copy)
+
+    @contextlib.contextmanager
+    def seeded(self, model: torch.nn.Module, seed: int | None) -> Iterator[None]:
+        if seed is None:
+            yield
+            return
+        device, _ = _model_device_dtype(model)
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        # fork_rng restores the global generators afterwards: the user's RNG stream is not disturbed.
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            yield
+
+    def precision(self, model: torch.nn.Module, precision: str) -> contextlib.AbstractContextManager:
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        device, _ = _model_device_dtype(model)
+        if device.type == "cpu" and precision == "fp16" and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            warnings.warn(
+                "precision='fp16': this CPU has no native float16 arithmetic; fp16 is emulated and usually "
+                "much slower than fp32. Use precision='bf16' (or 'fp32') here.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+    def to_tensor(self, model: torch.nn.Module, x: Any) -> torch.Tensor:
+        device, dtype = _model_device_dtype(model)
+        if isinstance(x, torch.Tensor):
+            tensor = x.detach()
+        elif isinstance(x, np.ndarray):
+            tensor = torch.from_numpy(np.ascontiguousarray(x))
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)  # numpy float64 -> the model's parameter dtype (documented)
+        else:
+            raise InputError(f"x: expected a numpy array or a torch.Tensor, got {type(x).__qualname__}.")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError("x: contains NaN or infinite values; expected finite inputs.")
+        return tensor.to(device)
+
+    def forward(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        try:
+            out = model(x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise InputError(
+                f"x: the model rejected inputs of per-example shape {tuple(x.shape[1:])} and dtype {x.dtype} "
+                f"(a pass of {x.shape[0]} rows): {exc}"
+            ) from exc
+        if not isinstance(out, torch.Tensor):
+            raise InputError(
+                f"model: expected the forward pass to return one tensor, got {type(out).__qualname__}; "
+                "wrap the model so that it returns a single tensor (e.g. stack mean and log-variance)."
+            )
+        return out
+
+    def repeat(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.repeat(n, *([1] * (x.dim() - 1)))
+
+    def to_numpy(self, t: torch.Tensor) -> np.ndarray:
+        t = t.detach()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()
+        return t.cpu().numpy()

@@ -1,0 +1,1 @@
+"""Orchestration: argument checks, backend and strategy resolution, and streaming of samples."""

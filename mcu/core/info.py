@@ -1,0 +1,44 @@
+"""``mcu.backend_info``: installed frameworks, the selected backend, and why."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from mcu.backends import detect, installed_frameworks
+from mcu.config import configured_backend
+
+__all__ = ["backend_info", "format_info"]
+
+
+def backend_info(model: Any = None) -> dict[str, Any]:
+    """Report installed frameworks (versions read without importing them) and the backend that would run.
+
+    Args:
+        model: optional; when given, detection from its type is part of the answer.
+
+    Returns:
+        ``{"python": ..., "frameworks": {"torch": "2.13.0" | None, "tensorflow": ...},
+        "selected": name | None, "reason": str}``.
+    """
+    frameworks = installed_frameworks()
+    choice = configured_backend()
+    if choice is not None:
+        selected, reason = choice.name, choice.reason
+    elif model is not None and detect(model) is not None:
+        selected, reason = detect(model), f"detected from the model type {type(model).__qualname__}"
+    else:
+        selected = None
+        installed = ", ".join(name for name, version in frameworks.items() if version)
+        hint = 'none: pip install "mcu[torch]" or "mcu[tensorflow]"'
+        reason = f"nothing configured: detected per call from the model type (installed: {installed or hint})"
+    return {"python": platform.python_version(), "frameworks": frameworks, "selected": selected, "reason": reason}
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [f"python      {info['python']}"]
+    for name, version in info["frameworks"].items():
+        lines.append(f"{name:<11} {version or 'not installed'}")
+    lines.append(f"backend     {info['selected'] or '(per model)'}")
+    lines.append(f"why         {info['reason']}")
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""``mcu.sample``: T stochastic forward passes of a dropout network, samples axis first."""
+
+from __future__ import annotations
+
+import numbers
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mcu.backends import resolve
+from mcu.backends.base import MODES, PRECISIONS
+from mcu.errors import InputError
+from mcu.strategies import STRATEGIES, Plan
+
+__all__ = ["SampleInfo", "SamplingSession", "sample"]
+
+
+def check_int(value: Any, argument: str, *, minimum: int, allow_none: bool = False) -> None:
+    """Raise :class:`InputError` unless ``value`` is an integer ``>= minimum`` (bools are rejected)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        expected = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise InputError(f"{argument}: expected {expected}, got {value!r}.")
+
+
+def check_choice(value: Any, argument: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise InputError(f"{argument}: expected one of {', '.join(map(repr, choices))}, got {value!r}.")
+
+
+@dataclass
+class SampleInfo:
+    """What ran and why (``mcu.sample(..., return_info=True)``)."""
+
+    backend: str
+    backend_reason: str
+    strategy: str
+    strategy_reason: str
+    chunk_size: int | None
+    precision: str
+    mode: str
+    n_samples: int = 0
+    seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+
+
+def choose_strategy(plan: Plan, n_samples: int, mode: str) -> tuple[str, str]:
+    """The ``auto`` choice: the strategy name and a one-line reason."""
+    if mode == "training":
+        return "loop", "mode='training': batch statistics depend on the batch, so only separate passes are exact"
+    if n_samples == 1:
+        return "loop", "a single sample: nothing to vectorize"
+    return "vectorized", "several samples: copies of the batch share each forward pass"
+
+
+class SamplingSession:
+    """Draw MC-dropout samples in pieces while the model stays in MC mode; restores the model on exit.
+
+    Used by :func:`sample` and by streaming consumers (``mcu.predict``) that decide how many samples to draw
+    as they go. Draws continue one random stream, so a seeded session is reproducible for the same sequence
+    of ``draw`` sizes.
+
+    Example:
+        >>> with SamplingSession(model, x, seed=0) as session:   # doctest: +SKIP
+        ...     first = session.draw(10)                          # (10, N, *out)
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        x: Any,
+        *,
+        strategy: str = "auto",
+        chunk_size: int | None = None,
+        precision: str = "fp32",
+        seed: int | None = None,
+        backend: str | None = None,
+        mode: str = "dropout",
+        n_samples_hint: int = 2,
+    ) -> None:
+        check_choice(strategy, "strategy", ["auto", *STRATEGIES])
+        check_choice(precision, "precision", PRECISIONS)
+        check_choice(mode, "mode", MODES)
+        check_int(chunk_size, "chunk_size", minimum=1, allow_none=True)
+        check_int(seed, "seed", minimum=0, allow_none=True)
+        impl, choice = resolve(model, backend)
+        impl.dropout_layers(model)  # NoDropoutError before any work
+        tensor = impl.to_tensor(model, x)
+        if len(tensor.shape) == 0 or int(tensor.shape[0]) == 0:
+            raise InputError(f"x: expected a batch with at least one example (N >= 1), got shape {tuple(tensor.shape)}.")
+        self.plan = Plan(backend=impl, model=model, x=tensor, chunk_size=chunk_size)
+        if strategy == "auto":
+            strategy, why = choose_strategy(self.plan, n_samples_hint, mode)
+        else:
+            why = "requested with strategy="
+            if mode == "training" and strategy != "loop":
+                raise InputError(
+                    f"strategy: {strategy!r} is not exact with mode='training' (BatchNorm batch statistics would "
+                    "mix the repeated copies); expected strategy='loop' or 'auto'."
+                )
+        self.strategy = STRATEGIES[strategy]
+        self.info = SampleInfo(impl.name, choice.reason, strategy, why, chunk_size, precision, mode)
+        self._contexts = [impl.mc_mode(model, mode), impl.seeded(model, seed), impl.precision(model, precision)]
+        self._entered: list[Any] = []
+
+    def __enter__(self) -> "SamplingSession":
+        try:
+            for context in self._contexts:
+                context.__enter__()
+                self._entered.append(context)
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        while self._entered:
+            self._entered.pop().__exit__(*exc_info)
+
+    def draw(self, n_samples: int) -> np.ndarray:
+        """``n_samples`` more samples, shape ``(n_samples, N, *out)``."""
+        check_int(n_samples, "n_samples", minimum=1)
+        if not self._entered:
+            raise RuntimeError("SamplingSession.draw must be called inside its `with` block")
+        start = time.perf_counter()
+        out: np.ndarray | None = None
+        done = 0
+        for chunk in self.strategy.draw(self.plan, n_samples):
+            if out is None:  # allocate once: no list of chunks, no concatenate copy
+                out = np.empty((n_samples,) + chunk.shape[1:], dtype=chunk.dtype)
+            out[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        self.info.n_samples += n_samples
+        self.info.seconds += time.perf_counter() - start
+        assert out is not None and done == n_samples
+        return out
+
+
+def sample(
+    model: Any,
+    x: Any,
+    n_samples: int = 50,
+    *,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+    precision: str = "fp32",
+    seed: int | None = None,
+    backend: str | None = None,
+    mode: str = "dropout",
+    return_info: bool = False,
+) -> Any:
+    """Run ``n_samples`` stochastic forward passes with only dropout active; return the raw outputs.
+
+    Args:
+        model: a ``torch.nn.Module`` or a Keras 3 model/layer with at least one dropout layer.
+        x: a batch, batch axis first: a numpy array or the framework's own tensor (any rank). numpy floating
+            arrays are converted to the model's parameter dtype (PyTorch) or left to Keras' autocasting.
+        n_samples: number of stochastic passes ``T`` (>= 1).
+        strategy: ``"auto"``, ``"loop"`` or ``"vectorized"`` (see ``mcu.strategies``); all are exact.
+        chunk_size: at most this many rows per forward pass (copies of the batch for ``"vectorized"``).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; warns where the hardware lacks support).
+        seed: makes the call reproducible without touching the global random state.
+        backend: ``"torch"`` or ``"tensorflow"`` (aliases ``"pytorch"``, ``"tf"``, ``"keras"``); see
+            :mod:`mcu.config` for the resolution order when omitted.
+        mode: ``"dropout"`` (only dropout stochastic; BatchNorm uses running statistics) or ``"training"``
+            (the whole model in training mode — the literal recipe; BatchNorm then normalises with batch
+            statistics, so predictions depend on the batch. Statistics are restored afterwards).
+        return_info: also return a :class:`SampleInfo` saying which backend and strategy ran, and why.
+
+    Returns:
+        ``numpy.ndarray`` of shape ``(n_samples, N, *output_shape)`` (and the info when asked).
+
+    Shape:
+        x: ``(N, *input_shape)`` -> samples: ``(T, N, *output_shape)``.
+
+    The model is left exactly as it was — training flags, weights, BatchNorm statistics, dropout seed
+    state — whether the call returns or raises. No gradients are recorded.
+    """
+    check_int(n_samples, "n_samples", minimum=1)
+    session = SamplingSession(
+        model, x, strategy=strategy, chunk_size=chunk_size, precision=precision, seed=seed,
+        backend=backend, mode=mode, n_samples_hint=n_samples,
+    )
+    with session:
+        samples = session.draw(n_samples)
+    return (samples, session.info) if return_info else samples

@@ -1,0 +1,75 @@
+"""Keras-only guarantees: every dropout-family layer, nested and subclassed models, no trace left behind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mcu
+
+keras = pytest.importorskip("keras")
+pytest.importorskip("tensorflow")
+L = keras.layers
+
+
+def test_every_keras_dropout_kind_is_found_and_active():
+    from mcu.backends import get_backend
+
+    inputs = keras.Input((4, 4, 4, 2))
+    h = L.SpatialDropout3D(0.3)(inputs)
+    h = L.Reshape((16, 8))(h)
+    h = L.SpatialDropout1D(0.3)(h)
+    h = L.Reshape((4, 4, 8))(h)
+    h = L.SpatialDropout2D(0.3)(h)
+    h = L.Flatten()(h)
+    h = L.GaussianDropout(0.3)(h)
+    h = L.AlphaDropout(0.3)(h)
+    h = L.Dropout(0.3)(h)
+    model = keras.Model(inputs, L.Dense(3)(h))
+    assert len(get_backend("tensorflow").dropout_layers(model)) == 6
+    samples = mcu.sample(model, np.ones((2, 4, 4, 4, 2), np.float32), 4, seed=0)
+    assert samples.shape == (4, 2, 3) and not np.allclose(samples[0], samples[1])
+
+
+def test_layers_inside_subclassed_models_are_found():
+    class Block(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.dense = L.Dense(8)
+            self.drop = L.Dropout(0.5)
+
+        def call(self, x):
+            return self.drop(self.dense(x))
+
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+            self.out = L.Dense(2)
+
+        def call(self, x):
+            return self.out(self.block(x))
+
+    model = Net()
+    model(np.zeros((1, 3), np.float32))
+    samples = mcu.sample(model, np.ones((2, 3), np.float32), 5, seed=0)
+    assert not np.allclose(samples[0], samples[1])
+
+
+def test_seed_state_and_call_attributes_are_restored():
+    model = keras.Sequential([keras.Input((3,)), L.Dense(4), L.Dropout(0.5), L.Dense(2)])
+    drop = model.layers[1]
+    state = drop.seed_generator.state.numpy().copy()
+    mcu.sample(model, np.ones((2, 3), np.float32), 3, seed=1)
+    mcu.sample(model, np.ones((2, 3), np.float32), 3)
+    np.testing.assert_array_equal(drop.seed_generator.state.numpy(), state)
+    assert "call" not in drop.__dict__
+    # outside mcu the model is back to normal inference: deterministic
+    x = np.ones((2, 3), np.float32)
+    np.testing.assert_array_equal(model(x, training=False), model(x, training=False))
+
+
+def test_keras_precision_other_than_fp32_is_refused_clearly():
+    model = keras.Sequential([keras.Input((3,)), L.Dense(4), L.Dropout(0.5), L.Dense(2)])
+    with pytest.raises(mcu.InputError, match="precision"):
+        mcu.sample(model, np.ones((2, 3), np.float32), 3, precision="bf16")
