@@ -154,6 +154,23 @@ class KerasBackend:
             )
         return out
 
+    # ---- fast paths ------------------------------------------------------------------------------------------
+
+    def split(self, model: keras.layers.Layer, x: tf.Tensor) -> tuple[Any, str]:
+        return None, "prefix caching is not available on the tensorflow backend yet"
+
+    def generator(self, model: keras.layers.Layer, seed: int) -> int:
+        return seed
+
+    def worker_context(self, model: keras.layers.Layer, precision: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def activation_bytes(self, run: Callable[[], Any]) -> int | None:
+        return None  # no cheap per-layer accounting: auto caps passes at ~1024 rows instead
+
+    def nbytes(self, t: tf.Tensor) -> int:
+        return int(tf.size(t)) * t.dtype.size
+
     def repeat(self, x: tf.Tensor, n: int) -> tf.Tensor:
         return tf.tile(x, [n] + [1] * (len(x.shape) - 1))
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
-from typing import Any, Iterator
+import weakref
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.nn.modules.dropout import _DropoutNd
 
+from mcu.backends import _torch_graph
 from mcu.errors import InputError, NoDropoutError
 
 __all__ = ["TorchBackend"]
@@ -31,6 +33,9 @@ class TorchBackend:
 
     name = "torch"
     dropout_types = (_DropoutNd,)  # Dropout, Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout
+
+    def __init__(self) -> None:
+        self._splits: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
     def is_model(self, obj: Any) -> bool:
         keras = sys.modules.get("keras")
@@ -124,6 +129,50 @@ class TorchBackend:
             )
         return out
 
+    # ---- fast paths (prefix caching, cheap masks, threads, memory estimates) ----------------------------------
+
+    def split(self, model: torch.nn.Module, x: torch.Tensor) -> tuple[Any, str]:
+        """A validated prefix/suffix split of ``model`` (inside :meth:`mc_mode`), cached per model, module
+        structure and per-example input shape; ``(None, reason)`` when the model cannot be split."""
+        structure = tuple(id(m) for m in model.modules())
+        key = (structure, tuple(x.shape[1:]), x.dtype)
+        cache = self._splits.setdefault(model, {})
+        if key not in cache:
+            cache.clear()  # a changed structure or input shape invalidates older splits
+            cache[key] = _torch_graph.split_model(model, self.dropout_layers(model), x, self.dropout_types)
+        return cache[key]
+
+    def generator(self, model: torch.nn.Module, seed: int) -> torch.Generator:
+        device, _ = _model_device_dtype(model)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    @contextlib.contextmanager
+    def worker_threads(self, workers: int) -> Iterator[None]:
+        """One intra-op thread per worker while ``workers`` Python threads run (process-wide; restored)."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(max(1, previous // workers))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
+    @contextlib.contextmanager
+    def worker_context(self, model: torch.nn.Module, precision: str) -> Iterator[None]:
+        """What :meth:`mc_mode` and :meth:`precision` set up, for a worker thread (both are thread-local)."""
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the fp16 warning was given once already
+            with self.precision(model, precision):
+                yield
+
+    def activation_bytes(self, run: Callable[[], Any]) -> int | None:
+        """Bytes of all leaf-module outputs produced by ``run()`` (a rough per-pass memory estimate)."""
+        with _ActivationMeter() as meter:
+            run()
+        return meter.bytes or None
+
+    def nbytes(self, t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
     def repeat(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.repeat(n, *([1] * (x.dim() - 1)))
 
@@ -132,3 +181,21 @@ class TorchBackend:
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()
         return t.cpu().numpy()
+
+
+class _ActivationMeter:
+    """Sums the bytes of every leaf module's output during a pass (a global hook, removed on exit)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if next(module.children(), None) is None and isinstance(output, torch.Tensor):
+            self.bytes += output.numel() * output.element_size()
+
+    def __enter__(self) -> "_ActivationMeter":
+        self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()

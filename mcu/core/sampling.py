@@ -13,6 +13,7 @@ from mcu.backends import resolve
 from mcu.backends.base import MODES, PRECISIONS
 from mcu.errors import InputError
 from mcu.strategies import STRATEGIES, Plan
+from mcu.strategies.auto import prepare
 
 __all__ = ["SampleInfo", "SamplingSession", "sample"]
 
@@ -47,15 +48,6 @@ class SampleInfo:
     details: dict = field(default_factory=dict)
 
 
-def choose_strategy(plan: Plan, n_samples: int, mode: str) -> tuple[str, str]:
-    """The ``auto`` choice: the strategy name and a one-line reason."""
-    if mode == "training":
-        return "loop", "mode='training': batch statistics depend on the batch, so only separate passes are exact"
-    if n_samples == 1:
-        return "loop", "a single sample: nothing to vectorize"
-    return "vectorized", "several samples: copies of the batch share each forward pass"
-
-
 class SamplingSession:
     """Draw MC-dropout samples in pieces while the model stays in MC mode; restores the model on exit.
 
@@ -79,6 +71,8 @@ class SamplingSession:
         seed: int | None = None,
         backend: str | None = None,
         mode: str = "dropout",
+        max_memory: int | None = None,
+        workers: int | None = None,
         n_samples_hint: int = 2,
     ) -> None:
         check_choice(strategy, "strategy", ["auto", *STRATEGIES])
@@ -86,31 +80,30 @@ class SamplingSession:
         check_choice(mode, "mode", MODES)
         check_int(chunk_size, "chunk_size", minimum=1, allow_none=True)
         check_int(seed, "seed", minimum=0, allow_none=True)
+        check_int(max_memory, "max_memory", minimum=1, allow_none=True)
+        check_int(workers, "workers", minimum=1, allow_none=True)
         impl, choice = resolve(model, backend)
         impl.dropout_layers(model)  # NoDropoutError before any work
         tensor = impl.to_tensor(model, x)
         if len(tensor.shape) == 0 or int(tensor.shape[0]) == 0:
             raise InputError(f"x: expected a batch with at least one example (N >= 1), got shape {tuple(tensor.shape)}.")
-        self.plan = Plan(backend=impl, model=model, x=tensor, chunk_size=chunk_size)
-        if strategy == "auto":
-            strategy, why = choose_strategy(self.plan, n_samples_hint, mode)
-        else:
-            why = "requested with strategy="
-            if mode == "training" and strategy != "loop":
-                raise InputError(
-                    f"strategy: {strategy!r} is not exact with mode='training' (BatchNorm batch statistics would "
-                    "mix the repeated copies); expected strategy='loop' or 'auto'."
-                )
-        self.strategy = STRATEGIES[strategy]
-        self.info = SampleInfo(impl.name, choice.reason, strategy, why, chunk_size, precision, mode)
-        self._contexts = [impl.mc_mode(model, mode), impl.seeded(model, seed), impl.precision(model, precision)]
+        self.plan = Plan(backend=impl, model=model, x=tensor, chunk_size=chunk_size, max_memory=max_memory,
+                         precision=precision, seeds=np.random.SeedSequence(seed), workers=workers)
+        self._requested, self._mode, self._hint = strategy, mode, n_samples_hint
+        self.info = SampleInfo(impl.name, choice.reason, strategy, "", chunk_size, precision, mode)
+        self._contexts = [impl.mc_mode(model, mode), impl.precision(model, precision), impl.seeded(model, seed)]
         self._entered: list[Any] = []
 
     def __enter__(self) -> "SamplingSession":
         try:
-            for context in self._contexts:
+            for context in self._contexts[:2]:  # MC mode and precision: the strategy probe needs both
                 context.__enter__()
                 self._entered.append(context)
+            self.strategy, self.info.strategy_reason = prepare(self.plan, self._requested, self._hint, self._mode)
+            self.info.strategy = self.strategy.name
+            self.info.details["copies_per_pass"] = self.plan.copies
+            self._contexts[2].__enter__()  # seeding last: the probe must not consume the seeded stream
+            self._entered.append(self._contexts[2])
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -150,6 +143,8 @@ def sample(
     seed: int | None = None,
     backend: str | None = None,
     mode: str = "dropout",
+    max_memory: int | None = None,
+    workers: int | None = None,
     return_info: bool = False,
 ) -> Any:
     """Run ``n_samples`` stochastic forward passes with only dropout active; return the raw outputs.
@@ -159,8 +154,12 @@ def sample(
         x: a batch, batch axis first: a numpy array or the framework's own tensor (any rank). numpy floating
             arrays are converted to the model's parameter dtype (PyTorch) or left to Keras' autocasting.
         n_samples: number of stochastic passes ``T`` (>= 1).
-        strategy: ``"auto"``, ``"loop"`` or ``"vectorized"`` (see ``mcu.strategies``); all are exact.
+        strategy: ``"auto"``, ``"loop"``, ``"vectorized"``, ``"prefix"`` or ``"parallel"`` (see
+            :mod:`mcu.strategies`); all are exact. ``"auto"`` probes the candidates once per model and input
+            shape and keeps the fastest.
         chunk_size: at most this many rows per forward pass (copies of the batch for ``"vectorized"``).
+        max_memory: bytes the stacked copies may take (default: about one full pass, at least 32 MB).
+        workers: threads for ``"parallel"`` (default: the CPU count).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; warns where the hardware lacks support).
         seed: makes the call reproducible without touching the global random state.
         backend: ``"torch"`` or ``"tensorflow"`` (aliases ``"pytorch"``, ``"tf"``, ``"keras"``); see
@@ -182,7 +181,7 @@ def sample(
     check_int(n_samples, "n_samples", minimum=1)
     session = SamplingSession(
         model, x, strategy=strategy, chunk_size=chunk_size, precision=precision, seed=seed,
-        backend=backend, mode=mode, n_samples_hint=n_samples,
+        backend=backend, mode=mode, max_memory=max_memory, workers=workers, n_samples_hint=n_samples,
     )
     with session:
         samples = session.draw(n_samples)

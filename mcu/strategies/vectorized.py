@@ -13,28 +13,29 @@ import numpy as np
 from mcu.strategies.base import Plan
 from mcu.strategies.loop import LoopStrategy
 
-__all__ = ["DEFAULT_ROWS", "VectorizedStrategy"]
+__all__ = ["DEFAULT_ROWS", "VectorizedStrategy", "blocks"]
 
-#: Rows per pass when the caller gives no ``chunk_size`` (the ``auto`` strategy tunes this per model).
+#: Rows per pass when neither the caller nor ``auto`` chose (``auto`` tunes copies per model and shape).
 DEFAULT_ROWS = 1024
 
 
+def blocks(n_samples: int, copies: int) -> list[int]:
+    """Sizes of consecutive blocks of at most ``copies`` samples covering ``n_samples``."""
+    return [min(copies, n_samples - start) for start in range(0, n_samples, copies)]
+
+
 class VectorizedStrategy:
-    """``k = chunk_size // N`` copies of the batch per pass; falls back to row-chunked passes if ``N`` is larger."""
+    """``k`` copies of the batch per pass (``chunk_size // N``, or tuned); row-chunked passes if ``N`` is larger."""
 
     name = "vectorized"
 
     def draw(self, plan: Plan, n_samples: int) -> Iterator[np.ndarray]:
-        rows = plan.chunk_size or max(DEFAULT_ROWS, plan.n_rows)
-        copies = rows // plan.n_rows
+        copies = plan.copies_per_pass(DEFAULT_ROWS)
         if copies <= 1:
             yield from LoopStrategy().draw(plan, n_samples)
             return
         backend, n = plan.backend, plan.n_rows
         repeated = backend.repeat(plan.x, min(copies, n_samples))
-        done = 0
-        while done < n_samples:
-            t = min(copies, n_samples - done)
+        for t in blocks(n_samples, copies):
             out = backend.to_numpy(backend.forward(plan.model, repeated[: t * n]))
             yield out.reshape((t, n) + out.shape[1:])
-            done += t

@@ -1,0 +1,196 @@
+"""PyTorch prefix caching and cheap exact dropout masks, on a ``torch.fx`` trace of the user's model.
+
+The traced graph is cut in two: the *prefix* (every node not downstream of a dropout module — a deterministic
+function of the input, run once on the N examples) and the *suffix* (the rest, run on k stacked copies of the
+prefix's outputs). In the suffix, ``Dropout``/``Dropout1d/2d/3d`` modules are replaced by :func:`fast_dropout`,
+whose Bernoulli masks come from bulk random bytes instead of per-element draws. Both graphs call the user's
+own module objects (no copy, nothing changed); tracing happens inside MC mode so that any ``self.training``
+branch is taken as in MC mode. Every split is validated once against the model itself with dropout inactive,
+on two stacked copies, so a batch-size constant captured by the trace cannot silently give wrong results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+__all__ = ["TorchSplit", "bernoulli_mask", "fast_dropout", "split_model"]
+
+_FAST = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_CHANNEL_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
+_WORD = 1 << 32
+
+
+def _random_words(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``n`` independent uniform 32-bit words (as int64 in [0, 2**32)). randint over exactly 2**32 values is
+    unbiased (torch reduces a 64-bit draw modulo a power of two)."""
+    words = torch.randint(-(1 << 31), 1 << 31, (n,), generator=generator, dtype=torch.int32, device=device)
+    return words.to(torch.int64) + (1 << 31)
+
+
+def bernoulli_mask(shape: tuple[int, ...], keep: float, generator: torch.Generator | None,
+                   device: torch.device) -> torch.Tensor:
+    """A uint8 mask of independent Bernoulli(``keep``) draws, exact for ``keep`` as a float64.
+
+    Draws one random byte per element and compares it with the first byte of ``keep``'s binary expansion;
+    only the ~1/256 ties draw more bits (two 32-bit words), so about 8 random bits are spent per element
+    instead of a full Bernoulli draw. ``keep`` is expanded to 72 bits, which represents every float64 in
+    [2**-19, 1] exactly; below that the error is under 2**-72.
+    """
+    n = math.prod(shape)
+    q = int(Fraction(keep) * (1 << 72))
+    top, mid, low = q >> 64, (q >> 32) & (_WORD - 1), q & (_WORD - 1)
+    raw = torch.randint(-(1 << 31), 1 << 31, ((n + 3) // 4,), generator=generator, dtype=torch.int32, device=device)
+    first = raw.view(torch.uint8)[:n]
+    mask = (first < top).to(torch.uint8)  # top == 256 only when keep == 1, handled by the caller
+    ties = (first == top).nonzero().squeeze(1)
+    for threshold in (mid, low):
+        if ties.numel() == 0:
+            break
+        words = _random_words(ties.numel(), generator, device)
+        mask[ties[words < threshold]] = 1
+        ties = ties[words == threshold]
+    return mask.view(shape)  # remaining ties: the draw equals keep's expansion, so U >= keep: dropped
+
+
+def fast_dropout(x: torch.Tensor, module: nn.Module, generator: torch.Generator | None) -> torch.Tensor:
+    """``module(x)`` in training mode, with masks from :func:`bernoulli_mask`; same distribution.
+
+    ``generator=None`` means dropout inactive (identity), used to validate a split.
+    """
+    if generator is None or module.p == 0.0:
+        return x
+    if module.p == 1.0:
+        return x * 0.0
+    kind = type(module)
+    rank = _CHANNEL_RANK.get(kind)
+    if rank is not None and x.dim() != rank:
+        raise _Unsupported(f"{kind.__name__} on a {x.dim()}-D input")
+    mask_shape = tuple(x.shape) if rank is None else tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
+    keep = 1.0 - module.p
+    mask = bernoulli_mask(mask_shape, keep, generator, x.device)
+    return x * mask.to(x.dtype) * (1.0 / keep)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _native_dropout(x: torch.Tensor, module: nn.Module, generator: torch.Generator | None) -> torch.Tensor:
+    """Dropout kinds without a fast path (AlphaDropout, FeatureAlphaDropout) run natively (global RNG)."""
+    return x if generator is None else module(x)
+
+
+@dataclass
+class TorchSplit:
+    """A validated prefix/suffix pair. ``suffix(frontier, generator)`` with ``generator=None`` disables dropout."""
+
+    prefix_module: torch.fx.GraphModule
+    suffix_module: torch.fx.GraphModule
+    n_prefix_nodes: int
+    n_suffix_nodes: int
+    native_rng: bool  # True when some dropout still draws from the global RNG (not thread-deterministic)
+
+    def prefix(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.prefix_module(x))
+
+    def suffix(self, frontier: list[torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+        return self.suffix_module(*frontier, generator)
+
+    @property
+    def description(self) -> str:
+        return f"{self.n_prefix_nodes} graph nodes run once, {self.n_suffix_nodes} per sample"
+
+
+def _build(model: nn.Module, dropout_types: tuple[type, ...]) -> TorchSplit:
+    traced = torch.fx.symbolic_trace(model)
+    graph = traced.graph
+    modules = dict(traced.named_modules())
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise _Unsupported(f"the model takes {len(placeholders)} inputs; prefix caching supports one")
+
+    def is_dropout(node: torch.fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(modules.get(node.target), dropout_types)
+
+    stochastic: set[torch.fx.Node] = set()
+    batched: set[torch.fx.Node] = set(placeholders)  # depends on the input (so has N rows, or is a size)
+    for node in graph.nodes:
+        if is_dropout(node) or any(arg in stochastic for arg in node.all_input_nodes):
+            stochastic.add(node)
+        elif any(arg in batched for arg in node.all_input_nodes):
+            batched.add(node)
+    output = next(n for n in graph.nodes if n.op == "output")
+    if output not in stochastic:
+        raise _Unsupported("the output does not depend on any dropout module")
+    # Batched deterministic values the suffix needs are computed once and passed in; constants (parameters,
+    # buffers, anything not derived from the input) are simply recomputed inside the suffix.
+    frontier = [n for n in graph.nodes if n in batched and n not in stochastic and any(u in stochastic for u in n.users)]
+
+    prefix = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in graph.nodes:
+        if node not in stochastic and node.op != "output":
+            env[node] = prefix.node_copy(node, lambda n: env[n])
+    prefix.output(tuple(env[n] for n in frontier))
+
+    suffix = torch.fx.Graph()
+    env2: dict[torch.fx.Node, torch.fx.Node] = {n: suffix.placeholder(f"frontier_{i}") for i, n in enumerate(frontier)}
+    generator = suffix.placeholder("generator")
+    native = False
+    for node in graph.nodes:
+        if node in env2 or (node not in stochastic and node in batched):
+            continue
+        if is_dropout(node):
+            module = suffix.get_attr(node.target)
+            fast = type(modules[node.target]) in _FAST
+            native = native or not fast
+            env2[node] = suffix.call_function(
+                fast_dropout if fast else _native_dropout, (env2[node.args[0]], module, generator)
+            )
+        else:
+            env2[node] = suffix.node_copy(node, lambda n: env2[n])
+    n_pre = sum(1 for n in graph.nodes if n not in stochastic and n.op not in ("placeholder", "output"))
+    n_suf = sum(1 for n in stochastic if n.op != "output")
+    return TorchSplit(
+        torch.fx.GraphModule(traced, prefix), torch.fx.GraphModule(traced, suffix), n_pre, n_suf, native
+    )
+
+
+def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor) -> None:
+    """Two stacked copies through the split must equal the model's own output (dropout inactive)."""
+    flags = [m.training for m in dropouts]
+    try:
+        for m in dropouts:
+            m.training = False
+        reference = model(x)
+        frontier = split.prefix(x)
+        out = split.suffix([f.repeat(2, *([1] * (f.dim() - 1))) for f in frontier], None)
+    finally:
+        for m, flag in zip(dropouts, flags):
+            m.training = flag
+    if not isinstance(out, torch.Tensor) or out.shape != (2 * x.shape[0],) + reference.shape[1:]:
+        raise _Unsupported("the split graph does not reproduce the output shape for stacked copies")
+    n = x.shape[0]
+    for copy in (out[:n], out[n:]):
+        if not torch.allclose(copy.float(), reference.float(), rtol=1e-4, atol=1e-5):
+            raise _Unsupported("the split graph does not reproduce the model's output for stacked copies")
+
+
+def split_model(model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor,
+                dropout_types: tuple[type, ...]) -> tuple[TorchSplit | None, str]:
+    """Trace and split ``model`` (call inside MC mode). Returns ``(split, why)`` or ``(None, why not)``."""
+    try:
+        split = _build(model, dropout_types)
+        _validate(split, model, dropouts, x[: min(int(x.shape[0]), 3)])
+    except _Unsupported as exc:
+        return None, str(exc)
+    except Exception as exc:  # tracing fails on data-dependent control flow and other dynamic code
+        return None, f"torch.fx could not trace or run the model ({type(exc).__name__}: {str(exc)[:200]})"
+    return split, split.description

@@ -1,0 +1,142 @@
+"""Strategy preparation and the ``auto`` choice.
+
+``auto`` picks the fastest *exact fp32-or-requested-precision* strategy for this model and input shape by a
+short probe: each candidate (loop; vectorized and prefix at a few copies per pass; parallel) runs one block
+after a warm-up, and the lowest time per sample wins. The probe runs under a fixed seed inside the backend's
+``seeded`` block, so it neither consumes the user's random stream nor changes a seeded call's result. The
+choice is cached per model, per-example input shape, batch size, precision and sample count bucket, so it is
+stable across calls, and it is explained in ``SampleInfo``. Copies per pass are capped by a memory budget
+(``max_memory``; by default about one full pass's activations, at least 32 MB).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+
+from mcu.errors import InputError
+from mcu.strategies import STRATEGIES
+from mcu.strategies.base import Plan
+from mcu.strategies.loop import LoopStrategy
+from mcu.strategies.parallel import ParallelStrategy
+from mcu.strategies.prefix import PrefixStrategy
+from mcu.strategies.vectorized import VectorizedStrategy
+
+__all__ = ["prepare"]
+
+MIN_BUDGET = 32 << 20
+_COPIES = (1, 2, 4, 8, 16, 32, 64, 128)
+_cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_SPLIT_STRATEGIES = ("prefix", "parallel")
+
+
+def _attach_split(plan: Plan, requested: str) -> str:
+    split_fn = getattr(plan.backend, "split", None)
+    split, why = split_fn(plan.model, plan.x) if split_fn else (None, f"the {plan.backend.name} backend cannot split models")
+    if split is None and requested in _SPLIT_STRATEGIES:
+        raise InputError(f"strategy: {requested!r} cannot split this model ({why}); expected 'vectorized', 'loop' or 'auto'.")
+    if requested == "parallel" and split.native_rng:
+        raise InputError(
+            "strategy: 'parallel' needs dropout layers with a per-thread random stream; AlphaDropout and "
+            "FeatureAlphaDropout draw from the global one. Expected 'prefix', 'vectorized' or 'auto'."
+        )
+    plan.split = split
+    return why
+
+
+def _budget(plan: Plan) -> int:
+    if plan.max_memory is not None:
+        return plan.max_memory
+    full = plan.backend.activation_bytes(lambda: plan.backend.forward(plan.model, plan.x))
+    return max(MIN_BUDGET, full or 0)
+
+
+def _max_copies(plan: Plan, budget: int, per_copy: int | None, n_samples: int) -> int:
+    if plan.chunk_size is not None:
+        return max(1, min(n_samples, plan.chunk_size // plan.n_rows))
+    if per_copy is None:  # no estimate on this backend: stay within ~1024 rows per pass
+        return max(1, min(n_samples, 1024 // plan.n_rows))
+    return max(1, min(n_samples, budget // max(per_copy, 1)))
+
+
+def _time_per_sample(strategy: Any, plan: Plan, copies: int) -> float:
+    plan.copies = copies
+    n = copies * (plan.workers or 2) if strategy.name == "parallel" else copies
+    for _ in strategy.draw(plan, n):  # warm-up (graph tracing, allocator)
+        pass
+    start = time.perf_counter()
+    for _ in strategy.draw(plan, n):
+        pass
+    return (time.perf_counter() - start) / n
+
+
+def _probe(plan: Plan, n_samples: int) -> tuple[Any, int, str]:
+    budget = _budget(plan)
+    backend = plan.backend
+    per_copy_full = backend.activation_bytes(lambda: backend.forward(plan.model, plan.x))
+    candidates: list[tuple[Any, int]] = [(LoopStrategy(), 1)]
+    families: list[tuple[Any, int]] = [(VectorizedStrategy(), _max_copies(plan, budget, per_copy_full, n_samples))]
+    if plan.split is not None:
+        frontier = plan.split.prefix(plan.x)
+        suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generator(plan.model, 0)))
+        per_copy = None if suffix is None else suffix + sum(backend.nbytes(f) for f in frontier)
+        limit = _max_copies(plan, budget, per_copy, n_samples)
+        families.append((PrefixStrategy(), limit))
+        if (os.cpu_count() or 1) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
+            families.append((ParallelStrategy(), limit))
+    timings: dict[str, float] = {"loop": _time_per_sample(LoopStrategy(), plan, 1)}
+    best = (timings["loop"], LoopStrategy(), 1)
+    for strategy, limit in families:
+        previous = float("inf")
+        for copies in (c for c in _COPIES if c <= limit):
+            seconds = _time_per_sample(strategy, plan, copies)
+            timings[f"{strategy.name}x{copies}"] = seconds
+            if seconds < best[0]:
+                best = (seconds, strategy, copies)
+            if seconds > 1.2 * previous:  # past the sweet spot (cache effects): stop growing
+                break
+            previous = min(previous, seconds)
+    seconds, strategy, copies = best
+    top = sorted(timings.items(), key=lambda kv: kv[1])[:4]
+    summary = ", ".join(f"{name} {1e3 * t:.3g} ms" for name, t in top)
+    reason = (f"fastest in a probe of {len(timings)} configurations (per sample: {summary}); "
+              f"memory budget {budget / 2**20:.0f} MB; cached for this model and input shape")
+    return strategy, copies, reason
+
+
+def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any, str]:
+    """Resolve ``requested`` (a name or ``"auto"``) to a ready strategy; returns it with a reason.
+
+    Runs inside MC mode and the precision context, before the session's seeding.
+    """
+    if mode == "training":
+        if requested not in ("auto", "loop"):
+            raise InputError(
+                f"strategy: {requested!r} is not exact with mode='training' (BatchNorm batch statistics would mix "
+                "the repeated copies); expected strategy='loop' or 'auto'."
+            )
+        return LoopStrategy(), "mode='training': batch statistics depend on the batch, so only separate passes are exact"
+    if requested != "auto":
+        why = _attach_split(plan, requested) if requested in _SPLIT_STRATEGIES else ""
+        return STRATEGIES[requested], "requested" + (f"; split: {why}" if why else "")
+    why = _attach_split(plan, "auto")
+    if n_samples == 1:
+        return (PrefixStrategy(), f"one sample; split: {why}") if plan.split else (LoopStrategy(), "one sample")
+    key = (tuple(plan.x.shape), str(plan.x.dtype), plan.chunk_size, plan.max_memory, min(n_samples, _COPIES[-1]),
+           plan.precision)
+    cache = _cache.setdefault(plan.model, {})
+    if key not in cache:
+        seeds, plan.seeds = plan.seeds, np.random.SeedSequence(0)  # the probe must not advance the user's stream
+        try:
+            with plan.backend.seeded(plan.model, 0):
+                cache[key] = _probe(plan, n_samples)
+        finally:
+            plan.seeds = seeds
+    strategy, copies, reason = cache[key]
+    plan.copies = copies
+    split_note = f"; split: {why}" if plan.split is not None else f"; no split ({why})"
+    return strategy, f"{strategy.name} with {copies} copies per pass: {reason}{split_note}"

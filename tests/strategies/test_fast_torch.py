@@ -1,0 +1,155 @@
+"""Fast exact sampling on PyTorch: cheap masks, prefix caching, parallel determinism, auto's choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mcu
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from mcu.backends import get_backend  # noqa: E402
+from mcu.backends._torch_graph import bernoulli_mask  # noqa: E402
+from tests import _models  # noqa: E402
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.7, 1 / 3, 0.5 + 2**-9, 0.9990234375, 0.01])
+def test_bernoulli_mask_has_the_requested_keep_rate(keep):
+    g = torch.Generator().manual_seed(0)
+    n = 4_000_000
+    mask = bernoulli_mask((n,), keep, g, torch.device("cpu"))
+    assert mask.dtype == torch.uint8 and set(mask.unique().tolist()) <= {0, 1}
+    rate = mask.double().mean().item()
+    se = (keep * (1 - keep) / n) ** 0.5
+    assert abs(rate - keep) < 5 * se  # fixed seed; 5 standard errors
+
+
+def test_bernoulli_mask_tie_path_is_exact():
+    """keep = 0.5 + 2**-40: the first byte ties with probability 1/256 and must resolve with more bits."""
+    keep = 0.5 + 2**-40
+    g = torch.Generator().manual_seed(1)
+    mask = bernoulli_mask((2_000_000,), keep, g, torch.device("cpu")).double()
+    assert abs(mask.mean().item() - keep) < 5 * (0.25 / 2_000_000) ** 0.5
+
+
+def test_bernoulli_masks_are_independent_between_neighbours():
+    g = torch.Generator().manual_seed(2)
+    mask = bernoulli_mask((1_000_000,), 0.5, g, torch.device("cpu")).double()
+    corr = np.corrcoef(mask[:-1].numpy(), mask[1:].numpy())[0, 1]
+    assert abs(corr) < 5 / 1000  # 5 standard errors of a correlation from 1e6 pairs
+
+
+def _split(model, x):
+    backend = get_backend("torch")
+    with backend.mc_mode(model):
+        return backend.split(model, torch.from_numpy(x))
+
+
+def test_prefix_activations_are_bit_identical_to_a_full_pass():
+    model = _models.zoo("torch").cnn()
+    x = np.random.default_rng(0).standard_normal((5, 1, 28, 28)).astype(np.float32)
+    split, why = _split(model, x)
+    assert split is not None, why
+    (frontier,) = split.prefix(torch.from_numpy(x))
+    with torch.no_grad():
+        expected = model.eval()[:4](torch.from_numpy(x))  # conv-bn-relu-pool: everything before Dropout2d
+    assert torch.equal(frontier, expected)
+
+
+class BatchSizeCapture(nn.Module):
+    """Uses x.size(0) after the dropout: a naive split would reuse the prefix's batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x):
+        n = x.size(0)
+        h = self.drop(self.fc(x))
+        return self.out(h.reshape(n, -1)[:, :16] if h.shape[1] >= 16 else torch.cat([h, h], 1).reshape(n, -1))
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 2
+        return self.drop(self.fc(x))
+
+
+@pytest.mark.parametrize("cls,dim", [(BatchSizeCapture, 8), (DataDependent, 4)])
+def test_models_that_cannot_be_split_fall_back_and_say_why(cls, dim):
+    model = cls()
+    x = np.ones((3, dim), np.float32)
+    samples, info = mcu.sample(model, x, 6, seed=0, return_info=True)
+    assert samples.shape[:2] == (6, 3)
+    assert info.strategy in ("loop", "vectorized") and "no split" in info.strategy_reason
+    with pytest.raises(mcu.InputError, match="strategy: 'prefix' cannot split this model"):
+        mcu.sample(model, x, 6, strategy="prefix")
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parallel_is_deterministic_whatever_the_number_of_workers(workers):
+    model = _models.zoo("torch").mlp()
+    x = np.random.default_rng(0).standard_normal((4, 784)).astype(np.float32)
+    reference = mcu.sample(model, x, 23, strategy="prefix", chunk_size=12, seed=7)
+    out = mcu.sample(model, x, 23, strategy="parallel", chunk_size=12, seed=7, workers=workers)
+    np.testing.assert_array_equal(out, reference)
+    assert torch.get_num_threads() >= 1
+
+
+def test_parallel_restores_the_thread_count():
+    before = torch.get_num_threads()
+    mcu.sample(_models.zoo("torch").mlp(), np.ones((2, 784), np.float32), 8, strategy="parallel", workers=2)
+    assert torch.get_num_threads() == before
+
+
+def test_parallel_refuses_global_rng_dropout():
+    model = nn.Sequential(nn.Linear(4, 4), nn.AlphaDropout(0.2), nn.Linear(4, 2))
+    with pytest.raises(mcu.InputError, match="parallel"):
+        mcu.sample(model, np.ones((2, 4), np.float32), 4, strategy="parallel")
+    assert mcu.sample(model, np.ones((2, 4), np.float32), 4, strategy="prefix", seed=0).shape == (4, 2, 2)
+
+
+def test_auto_is_stable_explained_and_reproducible():
+    model = _models.zoo("torch").mlp()
+    x = np.random.default_rng(1).standard_normal((8, 784)).astype(np.float32)
+    first, info1 = mcu.sample(model, x, 40, seed=3, return_info=True)  # runs the probe
+    second, info2 = mcu.sample(model, x, 40, seed=3, return_info=True)  # cached choice
+    np.testing.assert_array_equal(first, second)
+    assert (info1.strategy, info1.details) == (info2.strategy, info2.details)
+    assert "probe" in info1.strategy_reason
+
+
+def test_auto_probe_leaves_the_global_rng_alone():
+    model = _models.zoo("torch").mlp()
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    mcu.sample(model, np.ones((3, 784), np.float32), 20)  # probe + unseeded sampling on fast paths
+    mcu.sample(model, np.ones((3, 784), np.float32), 20, seed=1)
+    # the unseeded fast path draws its seeds from numpy entropy, not torch's global generator
+    assert torch.equal(torch.rand(2), expected)
+
+
+def test_max_memory_limits_copies_per_pass():
+    model = _models.zoo("torch").mlp()
+    x = np.ones((64, 784), np.float32)
+    _, info = mcu.sample(model, x, 50, max_memory=200_000, return_info=True)
+    # one copy of the suffix activations is 64 * 512 * 4 * 2 bytes ~ 262 kB: above the budget -> one copy
+    assert info.details["copies_per_pass"] == 1
+
+
+def test_fp16_on_a_cpu_without_native_support_warns():
+    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        pytest.skip("this CPU has native fp16")
+    with pytest.warns(RuntimeWarning, match="no native float16"):
+        mcu.sample(_models.zoo("torch").mlp(), np.ones((2, 784), np.float32), 2, precision="fp16", strategy="loop")
