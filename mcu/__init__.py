@@ -6,6 +6,7 @@ Importing mcu imports no deep-learning framework.
 
 from mcu.config import set_backend, use_backend
 from mcu.core.info import backend_info
+from mcu.core.predict import Prediction, predict
 from mcu.core.sampling import SampleInfo, sample
 from mcu.errors import (
     BackendError,
@@ -25,9 +26,11 @@ __all__ = [
     "InputError",
     "MCUError",
     "NoDropoutError",
+    "Prediction",
     "SampleInfo",
     "__version__",
     "backend_info",
+    "predict",
     "sample",
     "set_backend",
     "use_backend",

@@ -78,6 +78,14 @@ def fast_dropout(x: torch.Tensor, module: nn.Module, generator: torch.Generator 
     return x * mask.to(x.dtype) * (1.0 / keep)
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    if isinstance(t, torch.Tensor) and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if isinstance(t, torch.Tensor) and t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    return t
+
+
 class _Unsupported(Exception):
     pass
 
@@ -98,7 +106,9 @@ class TorchSplit:
     native_rng: bool  # True when some dropout still draws from the global RNG (not thread-deterministic)
 
     def prefix(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.prefix_module(x))
+        """The frontier values for ``x``. Image-like tensors come back channels-last: the same values in the
+        memory layout oneDNN convolutions and pooling run fastest on (measured ~2x on this project's CPU)."""
+        return [_channels_last(t) for t in self.prefix_module(x)]
 
     def suffix(self, frontier: list[torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
         return self.suffix_module(*frontier, generator)

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mcu.backends import _keras_graph
 from mcu.errors import InputError, NoDropoutError
 
 __all__ = ["KerasBackend"]
@@ -48,6 +49,30 @@ def _seed_states(layers: list[keras.layers.Layer]) -> list[Any]:
         if generator is not None:
             states.append(generator.state)
     return states
+
+
+class _SplitAdapter:
+    """The strategies' split interface over a :class:`_keras_graph.KerasSplit`.
+
+    Keras dropout draws from each layer's seed-generator state (seeded per session by
+    :meth:`KerasBackend.seeded`), not from a per-block generator, so blocks cannot run on parallel threads
+    deterministically: ``native_rng`` is True.
+    """
+
+    native_rng = True
+
+    def __init__(self, split: Any) -> None:
+        self._split = split
+
+    def prefix(self, x: tf.Tensor) -> list[tf.Tensor]:
+        return list(self._split.prefix(x))
+
+    def suffix(self, frontier: list[tf.Tensor], generator: Any) -> tf.Tensor:
+        return self._split.suffix(frontier)
+
+    @property
+    def description(self) -> str:
+        return self._split.describe()
 
 
 class KerasBackend:
@@ -132,8 +157,8 @@ class KerasBackend:
     def _function(self, model: keras.layers.Layer, mode: str) -> Callable[[tf.Tensor], tf.Tensor]:
         functions = self._compiled.setdefault(model, {})
         if mode not in functions:
-            training = mode == "training"
-            functions[mode] = tf.function(lambda x: model(x, training=training), reduce_retracing=True)
+            training, ref = mode == "training", weakref.ref(model)  # no strong reference: the model can be freed
+            functions[mode] = tf.function(lambda x: ref()(x, training=training), reduce_retracing=True)
         return functions[mode]
 
     def forward(self, model: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
@@ -157,7 +182,9 @@ class KerasBackend:
     # ---- fast paths ------------------------------------------------------------------------------------------
 
     def split(self, model: keras.layers.Layer, x: tf.Tensor) -> tuple[Any, str]:
-        return None, "prefix caching is not available on the tensorflow backend yet"
+        """A validated prefix/suffix split of a Functional/Sequential model (see :mod:`._keras_graph`)."""
+        split, reason = _keras_graph.prefix_split(model, x, dropout_types=self.dropout_types)
+        return (None if split is None else _SplitAdapter(split)), reason
 
     def generator(self, model: keras.layers.Layer, seed: int) -> int:
         return seed

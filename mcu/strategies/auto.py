@@ -34,18 +34,27 @@ _cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _SPLIT_STRATEGIES = ("prefix", "parallel")
 
 
-def _attach_split(plan: Plan, requested: str) -> str:
+def _attach_split(plan: Plan) -> str:
+    """Ask the backend for a validated split of the model; keep it on the plan. Returns the reason."""
     split_fn = getattr(plan.backend, "split", None)
     split, why = split_fn(plan.model, plan.x) if split_fn else (None, f"the {plan.backend.name} backend cannot split models")
-    if split is None and requested in _SPLIT_STRATEGIES:
-        raise InputError(f"strategy: {requested!r} cannot split this model ({why}); expected 'vectorized', 'loop' or 'auto'.")
-    if requested == "parallel" and split.native_rng:
-        raise InputError(
-            "strategy: 'parallel' needs dropout layers with a per-thread random stream; AlphaDropout and "
-            "FeatureAlphaDropout draw from the global one. Expected 'prefix', 'vectorized' or 'auto'."
-        )
     plan.split = split
     return why
+
+
+def _explicit(plan: Plan, requested: str) -> tuple[Any, str]:
+    """An explicitly requested strategy; prefix/parallel fall back cleanly (and say so) when they cannot run."""
+    if requested not in _SPLIT_STRATEGIES:
+        return STRATEGIES[requested], "requested"
+    why = _attach_split(plan)
+    if plan.split is None:
+        return VectorizedStrategy(), f"{requested!r} requested, but the model cannot be split ({why}): ran 'vectorized'"
+    if requested == "parallel" and plan.split.native_rng:
+        return PrefixStrategy(), (
+            "'parallel' requested, but some dropout draws from a shared random state (Keras seed generators, "
+            "torch AlphaDropout), which threads would make irreproducible: ran 'prefix'; split: " + why
+        )
+    return STRATEGIES[requested], f"requested; split: {why}"
 
 
 def _budget(plan: Plan) -> int:
@@ -121,9 +130,8 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
             )
         return LoopStrategy(), "mode='training': batch statistics depend on the batch, so only separate passes are exact"
     if requested != "auto":
-        why = _attach_split(plan, requested) if requested in _SPLIT_STRATEGIES else ""
-        return STRATEGIES[requested], "requested" + (f"; split: {why}" if why else "")
-    why = _attach_split(plan, "auto")
+        return _explicit(plan, requested)
+    why = _attach_split(plan)
     if n_samples == 1:
         return (PrefixStrategy(), f"one sample; split: {why}") if plan.split else (LoopStrategy(), "one sample")
     key = (tuple(plan.x.shape), str(plan.x.dtype), plan.chunk_size, plan.max_memory, min(n_samples, _COPIES[-1]),

@@ -8,17 +8,7 @@ import pytest
 import mcu
 from mcu.backends import get_backend
 
-# Strategies each backend must support exactly (the tensorflow prefix split lands separately).
-SUPPORTED = {"torch": ("auto", "loop", "vectorized", "prefix", "parallel"), "tensorflow": ("auto", "loop", "vectorized")}
-STRATEGIES = ("loop", "vectorized", "prefix", "parallel")
-
-
-@pytest.fixture(autouse=True)
-def _only_supported(request):
-    strategy = request.node.callspec.params.get("strategy") if hasattr(request.node, "callspec") else None
-    backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
-    if strategy and backend and strategy not in SUPPORTED[backend]:
-        pytest.skip(f"{strategy} is not offered by the {backend} backend")
+STRATEGIES = ("loop", "vectorized", "prefix", "parallel", "auto")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -166,7 +156,7 @@ def test_return_info_explains_the_choice(models, rng):
 
 def test_chunk_size_smaller_than_batch(models, rng):
     model, x = models.mlp(), models.vector(rng, 10)
-    for strategy in SUPPORTED[models.name][1:]:
+    for strategy in STRATEGIES:
         out = mcu.sample(model, x, 3, strategy=strategy, chunk_size=4, seed=0)
         assert out.shape == (3, 10, 10)
 

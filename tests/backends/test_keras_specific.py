@@ -73,3 +73,42 @@ def test_keras_precision_other_than_fp32_is_refused_clearly():
     model = keras.Sequential([keras.Input((3,)), L.Dense(4), L.Dropout(0.5), L.Dense(2)])
     with pytest.raises(mcu.InputError, match="precision"):
         mcu.sample(model, np.ones((2, 3), np.float32), 3, precision="bf16")
+
+
+def _functional_cnn():
+    inputs = keras.Input((12, 12, 1))
+    h = L.MaxPooling2D()(L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(inputs))))
+    h = L.Dropout(0.5)(L.Dense(16, activation="relu")(L.Flatten()(h)))
+    return keras.Model(inputs, L.Dense(3)(h))
+
+
+def test_prefix_strategy_runs_on_functional_models_and_auto_explains():
+    model = _functional_cnn()
+    x = np.random.default_rng(0).standard_normal((5, 12, 12, 1)).astype(np.float32)
+    samples, info = mcu.sample(model, x, 30, strategy="prefix", seed=0, return_info=True)
+    assert info.strategy == "prefix" and "split" in info.strategy_reason
+    assert samples.shape == (30, 5, 3) and not np.allclose(samples[0], samples[1])
+    _, auto = mcu.sample(model, x, 30, seed=0, return_info=True)
+    assert "probe" in auto.strategy_reason
+
+
+def test_parallel_on_keras_falls_back_to_prefix_and_says_why():
+    model = _functional_cnn()
+    x = np.ones((2, 12, 12, 1), np.float32)
+    _, info = mcu.sample(model, x, 6, strategy="parallel", seed=0, return_info=True)
+    assert info.strategy == "prefix" and "shared random state" in info.strategy_reason
+
+
+def test_subclassed_model_cannot_be_split_and_falls_back():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.d, self.b = L.Dense(8), L.Dropout(0.5), L.Dense(2)
+
+        def call(self, x):
+            return self.b(self.d(self.a(x)))
+
+    model = Net()
+    model(np.zeros((1, 3), np.float32))
+    _, info = mcu.sample(model, np.ones((2, 3), np.float32), 4, strategy="prefix", return_info=True)
+    assert info.strategy == "vectorized" and "cannot be split" in info.strategy_reason

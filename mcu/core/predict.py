@@ -1,0 +1,217 @@
+"""``mcu.predict``: MC-dropout predictions summarised on the fly, memory O(N·C) whatever T is.
+
+Samples are drawn chunk by chunk (examples in batches of ``batch_size``, samples in chunks) and folded into
+the streaming accumulators of :mod:`mcu.metrics.streaming`; the ``(T, N, C)`` array never exists.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from mcu.core.progress import progress_bar
+from mcu.core.sampling import SamplingSession, check_choice, check_int
+from mcu.errors import InputError
+from mcu.metrics.streaming import ClassificationAccumulator, RegressionAccumulator
+
+__all__ = ["Prediction", "predict"]
+
+TASKS = ("classification", "regression")
+#: bytes of raw outputs held at once for one chunk of samples
+CHUNK_BYTES = 16 << 20
+#: examples per batch when the caller gives none
+DEFAULT_BATCH = 4096
+_SCORES = {"classification": ("mutual_information", "predictive_entropy", "expected_entropy"),
+           "regression": ("predictive_mean",)}
+
+
+class Prediction:
+    """Per-example MC-dropout summaries. Attributes are named like the metric functions.
+
+    Classification: ``mean`` (= ``mean_probabilities``, ``(N, C)``), ``label``, ``predictive_entropy``,
+    ``expected_entropy``, ``mutual_information``, ``variation_ratio``, ``margin``, ``max_probability``,
+    ``predictive_variance``. Regression: ``mean`` (= ``predictive_mean``), ``std`` (= ``total_std``),
+    ``epistemic_variance``, ``epistemic_std``, ``aleatoric_variance``, ``total_variance``, and
+    :meth:`interval`. Both: ``n_samples`` (per example, ``(N,)``), ``standard_error`` (of the score used
+    for ``n_samples="auto"``), ``task``.
+    """
+
+    def __init__(self, task: str, values: dict[str, np.ndarray]) -> None:
+        self.task = task
+        self._values = values
+        for name, value in values.items():
+            setattr(self, name, value)
+        if task == "classification":
+            self.mean = values["mean_probabilities"]
+            self.label = np.argmax(self.mean, axis=-1) if self.mean.size else np.zeros(0, dtype=np.int64)
+        else:
+            self.mean = values["predictive_mean"]
+            self.std = values["total_std"]
+
+    def __len__(self) -> int:
+        return int(self.mean.shape[0])
+
+    def interval(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """Central Gaussian predictive interval ``mean ± z·std`` at ``level`` (regression only).
+
+        Empirical-quantile intervals need the samples: use ``mcu.sample`` with
+        :func:`mcu.metrics.quantile_interval`.
+        """
+        if self.task != "regression":
+            raise InputError("interval: only available for task='regression'.")
+        if not isinstance(level, numbers.Real) or not 0 < level < 1:
+            raise InputError(f"level: expected a number in (0, 1), got {level!r}.")
+        z = stats.norm.ppf(0.5 + level / 2)
+        return self.mean - z * self.std, self.mean + z * self.std
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of numpy arrays (``label`` included for classification)."""
+        out = dict(self._values)
+        if self.task == "classification":
+            out["label"] = self.label
+        return out
+
+    def table(self, max_rows: int = 10) -> str:
+        """A plain-text table of the per-example scalar metrics (first ``max_rows`` examples)."""
+        values = self.to_dict()
+        if self.task == "regression":
+            values = {"mean": self.mean, "std": self.std, **values}
+        # one column per per-example scalar (a single regression output of shape (N, 1) counts as one)
+        columns = {k: v.reshape(len(v)) for k, v in values.items() if v.ndim == 1 or v.shape[1:] == (1,)}
+        names = list(columns)
+        rows = [[f"{columns[n][i]:.4g}" if columns[n].dtype.kind == "f" else str(columns[n][i]) for n in names]
+                for i in range(min(len(self), max_rows))]
+        widths = [max(len(n), *(len(r[j]) for r in rows)) if rows else len(n) for j, n in enumerate(names)]
+        lines = ["  ".join(n.rjust(w) for n, w in zip(names, widths))]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        if len(self) > max_rows:
+            lines.append(f"... {len(self) - max_rows} more")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(sorted(self._values))
+        n_samples = self._values["n_samples"]
+        t = f"{int(n_samples.min())}..{int(n_samples.max())}" if n_samples.size else "0"
+        return f"Prediction(task={self.task!r}, N={len(self)}, T={t}, fields=[{fields}])"
+
+
+def _accumulator(task: str, from_logits: bool, noise_var: Any, heteroscedastic: bool) -> Any:
+    if task == "classification":
+        return ClassificationAccumulator(from_logits)
+    return RegressionAccumulator(heteroscedastic=heteroscedastic, noise_var=noise_var)
+
+
+def _check_auto(n_samples: Any, tol: Any, max_samples: Any, score: str | None, task: str) -> str:
+    if n_samples == "auto":
+        if not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not tol > 0:
+            raise InputError(f"tol: expected a positive number with n_samples='auto', got {tol!r}.")
+        check_int(max_samples, "max_samples", minimum=2)
+    else:
+        check_int(n_samples, "n_samples", minimum=1)
+    score = score or _SCORES[task][0]
+    check_choice(score, "score", _SCORES[task])
+    return score
+
+
+def batch_seeds(seed: int | None, n_batches: int) -> list[int | None]:
+    """The seed of each example batch, derived from the call's ``seed`` (``None`` stays unseeded)."""
+    if seed is None:
+        return [None] * n_batches
+    return [int(s.generate_state(1, np.uint32)[0]) for s in np.random.SeedSequence(seed).spawn(n_batches)]
+
+
+def _n_rows(x: Any) -> int:
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) == 0:
+        raise InputError(f"x: expected an array or tensor with a batch axis, got {type(x).__qualname__}.")
+    return int(shape[0])
+
+
+def predict(
+    model: Any,
+    x: Any,
+    n_samples: int | str = 50,
+    *,
+    task: str = "classification",
+    from_logits: bool = True,
+    seed: int | None = None,
+    strategy: str = "auto",
+    batch_size: int | None = None,
+    tol: float | None = None,
+    max_samples: int = 1000,
+    score: str | None = None,
+    noise_var: Any = None,
+    heteroscedastic: bool = False,
+    progress: bool = False,
+    **sample_options: Any,
+) -> Prediction:
+    """Sample and summarise: per-example uncertainty with memory bounded by the batch, never by T.
+
+    Args:
+        model: a PyTorch or Keras model with dropout (see :func:`mcu.sample`).
+        x: inputs, batch axis first (numpy array or framework tensor).
+        n_samples: samples per example ``T``, or ``"auto"``: draw chunks until the Monte Carlo standard
+            error of ``score`` is below ``tol`` for every example of the batch, or ``max_samples`` is reached.
+        task: ``"classification"`` (outputs ``(N, C)``; logits if ``from_logits``) or ``"regression"``.
+        from_logits: classification outputs are logits (softmax applied) or probabilities (checked).
+        seed: reproducible results for the same ``batch_size`` (each batch gets its own derived seed).
+        strategy: as in :func:`mcu.sample`.
+        batch_size: examples per batch (default ``min(N, 4096)``).
+        tol, max_samples, score: the stopping rule of ``n_samples="auto"`` (score defaults to
+            ``mutual_information`` for classification, ``predictive_mean`` for regression).
+        noise_var, heteroscedastic: the aleatoric term for regression (see
+            :class:`mcu.metrics.RegressionAccumulator`).
+        progress: show a progress bar (tqdm) over examples.
+        **sample_options: ``chunk_size``, ``precision``, ``backend``, ``mode``, ``max_memory``, ``workers``.
+
+    Returns:
+        A :class:`Prediction`.
+
+    Shape:
+        x: ``(N, ...)`` -> per-example metrics ``(N,)`` or ``(N, C)``; peak extra memory ~ one chunk of
+        ``(t, batch_size, C)`` outputs plus O(N·C) results.
+    """
+    check_choice(task, "task", TASKS)
+    score = _check_auto(n_samples, tol, max_samples, score, task)
+    n = _n_rows(x)
+    check_int(batch_size, "batch_size", minimum=1, allow_none=True)
+    if n == 0:
+        raise InputError("x: expected a batch with at least one example (N >= 1), got N = 0.")
+    batch = batch_size or min(n, DEFAULT_BATCH)
+    starts = range(0, n, batch)
+    seeds = batch_seeds(seed, len(starts))
+    parts: list[dict[str, np.ndarray]] = []
+    with progress_bar(progress, total=n, desc="mcu.predict", unit="ex") as bar:
+        for start, batch_seed in zip(starts, seeds):
+            xb = x[start : start + batch]
+            parts.append(_predict_batch(model, xb, n_samples, task, from_logits, batch_seed, strategy, tol,
+                                        max_samples, score, noise_var, heteroscedastic, sample_options))
+            bar.update(_n_rows(xb))
+    return Prediction(task, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+def _predict_batch(model, xb, n_samples, task, from_logits, seed, strategy, tol, max_samples, score,
+                   noise_var, heteroscedastic, sample_options) -> dict[str, np.ndarray]:
+    acc = _accumulator(task, from_logits, noise_var, heteroscedastic)
+    target = max_samples if n_samples == "auto" else n_samples
+    first = min(target, 10)
+    session = SamplingSession(model, xb, strategy=strategy, seed=seed, n_samples_hint=target, **sample_options)
+    with session:
+        chunk = session.draw(first)
+        acc.update(chunk)
+        per_sample = max(1, chunk[0].nbytes)
+        while acc.n_samples < target:
+            if n_samples == "auto" and np.nanmax(acc.standard_error(score)) < tol:
+                break
+            step = int(min(target - acc.n_samples, max(1, CHUNK_BYTES // per_sample)))
+            if n_samples == "auto":
+                step = min(step, max(10, acc.n_samples))  # re-check the error at least every doubling
+            acc.update(session.draw(step))
+    result = acc.result()
+    result["n_samples"] = np.full(_n_rows(xb), acc.n_samples, dtype=np.int64)
+    if n_samples == "auto" or task == "classification":
+        result["standard_error"] = acc.standard_error(score)
+    return result
