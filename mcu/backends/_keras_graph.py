@@ -485,12 +485,15 @@ def _global_policy(name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def _bf16_layer(layer: Any) -> Any:
-    """A fresh copy of ``layer`` whose float32 dtype policy is replaced by mixed_bfloat16 (others kept)."""
-    config = layer.get_config()
-    if isinstance(layer, keras.layers.Layer) and layer.dtype_policy.name == "float32":
-        config["dtype"] = "mixed_bfloat16"
-    return layer.__class__.from_config(config)
+def _policy_layer(policy: str) -> Callable[[Any], Any]:
+    def clone_layer(layer: Any) -> Any:
+        """A fresh copy of ``layer`` whose float32 dtype policy is replaced by ``policy`` (others kept)."""
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.Layer) and layer.dtype_policy.name == "float32":
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    return clone_layer
 
 
 def _copy_weights(source: Any, target: Any) -> None:
@@ -502,43 +505,50 @@ def _copy_weights(source: Any, target: Any) -> None:
         mine.assign(theirs.value)
 
 
-def _clone_bf16(model: Any) -> Any:
+def _clone_with_policy(model: Any, policy: str) -> Any:
     _graph_of(model)  # Functional or Sequential only (clone_model would rebuild a subclassed one from config)
-    with _global_policy("mixed_bfloat16"):
-        clone = keras.models.clone_model(model, clone_function=_bf16_layer, recursive=True)
+    with _global_policy(policy):
+        clone = keras.models.clone_model(model, clone_function=_policy_layer(policy), recursive=True)
     _copy_weights(model, clone)
     return clone
 
 
-def bf16_clone(model: Any, sync: bool = True) -> Any:
-    """A copy of a Functional/Sequential ``model`` computing in bfloat16 (variables float32), or None.
+def precision_clone(model: Any, policy: str = "mixed_bfloat16", sync: bool = True) -> Any:
+    """A copy of a Functional/Sequential ``model`` computing under a mixed ``policy`` (variables float32), or None.
 
-    Built once with ``keras.models.clone_model(..., recursive=True)``, every float32 layer re-created under
-    the ``"mixed_bfloat16"`` policy (the global policy is restored afterwards, also on error); cached per model
-    (weakly). With ``sync`` (the default) the model's weights — BatchNorm statistics included — are copied into
-    the copy on every call, so a model trained further since the last call is never sampled stale (a copy of
-    the float32 weights: ~1 ms per 10 MB). Outputs are bfloat16; dropout seed states are the copy's own (seed
-    them with the backend's ``seeded(copy, seed)``). None when the model cannot be cloned (subclassed models,
+    ``policy`` is ``"mixed_bfloat16"`` or ``"mixed_float16"``. Built once with
+    ``keras.models.clone_model(..., recursive=True)``, every float32 layer re-created under the policy (the
+    global policy is restored afterwards, also on error); cached per model (weakly) and policy. With ``sync``
+    (the default) the model's weights — BatchNorm statistics included — are copied into the copy on every
+    call, so a model trained further since the last call is never sampled stale (a copy of the float32
+    weights: ~1 ms per 10 MB). Outputs are low precision; dropout seed states are the copy's own (seed them
+    with the backend's ``seeded(copy, seed)``). None when the model cannot be cloned (subclassed models,
     layers without a working ``get_config``).
 
     Shape:
         same inputs and outputs as ``model``.
     """
     with _BF16_LOCK:
-        if model in _BF16:
-            clone = _BF16[model]
+        clones = _BF16.get(model)
+        if clones is not None and policy in clones:
+            clone = clones[policy]
             if clone is not None and sync:
                 _copy_weights(model, clone)
             return clone
         try:
-            clone = _clone_bf16(model)
-        except Exception:  # noqa: BLE001 - a model that cannot be cloned simply has no bf16 copy
+            clone = _clone_with_policy(model, policy)
+        except Exception:  # noqa: BLE001 - a model that cannot be cloned simply has no low-precision copy
             clone = None
         try:
-            _BF16[model] = clone
+            _BF16.setdefault(model, {})[policy] = clone
         except TypeError:
             pass
         return clone
+
+
+def bf16_clone(model: Any, sync: bool = True) -> Any:
+    """:func:`precision_clone` with the ``"mixed_bfloat16"`` policy."""
+    return precision_clone(model, "mixed_bfloat16", sync)
 
 
 def forget_bf16(model: Any) -> None:

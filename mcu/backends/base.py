@@ -33,6 +33,9 @@ class Backend(Protocol):
     def seeded(self, model: Any, seed: int | None) -> ContextManager[None]:
         """Make the stochastic layers reproducible from ``seed`` inside the block; leave no trace outside it."""
 
+    def model_for_precision(self, model: Any, precision: str) -> Any:
+        """The model to run in ``precision``: itself (autocast) or a framework-specific low-precision copy."""
+
     def precision(self, model: Any, precision: str) -> ContextManager[None]:
         """Run forward passes in ``precision`` (autocast); fp32 is a no-op."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -27,6 +28,19 @@ _DROPOUT_TYPES = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.laye
 # SpatialDropout1D/2D/3D subclass keras.layers.Dropout.
 _DROPOUT_NAMES = "Dropout, SpatialDropout1D, SpatialDropout2D, SpatialDropout3D, GaussianDropout, AlphaDropout"
 _MISSING = object()
+_POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def _native_fp16() -> bool:
+    """A GPU, or a CPU with AVX512-FP16 / AMX-FP16 (read from /proc/cpuinfo where it exists)."""
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_fp16" in flags or "amx_fp16" in flags
 
 
 def _all_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
@@ -135,13 +149,29 @@ class KerasBackend:
             for state, value in zip(states, originals):
                 state.assign(value)
 
-    def precision(self, model: keras.layers.Layer, precision: str) -> contextlib.AbstractContextManager:
-        if precision != "fp32":
-            raise InputError(
-                f"precision: {precision!r} is not available on the tensorflow backend in this version; "
-                "expected 'fp32' (build the model under keras.mixed_precision to run it in lower precision)."
+    def model_for_precision(self, model: keras.layers.Layer, precision: str) -> keras.layers.Layer:
+        """The model itself for fp32; for bf16/fp16 a cached mixed-precision copy (weights synced from the
+        model on every call; the user's model and the global dtype policy are untouched)."""
+        if precision == "fp32":
+            return model
+        if precision == "fp16" and not _native_fp16():
+            warnings.warn(
+                "precision='fp16': this machine has no native float16 arithmetic (no GPU, no AVX512-FP16 CPU); "
+                "fp16 is emulated and usually slower than fp32. Use precision='bf16' (or 'fp32') here.",
+                RuntimeWarning,
+                stacklevel=5,
             )
-        return contextlib.nullcontext()
+        clone = _keras_graph.precision_clone(model, _POLICIES[precision])
+        if clone is None:
+            raise InputError(
+                f"precision: {precision!r} on the tensorflow backend needs a Functional or Sequential Keras model "
+                f"(it is run as a {_POLICIES[precision]} copy); {type(model).__qualname__} cannot be cloned. "
+                "Expected precision='fp32', or build the model under keras.mixed_precision yourself."
+            )
+        return clone
+
+    def precision(self, model: keras.layers.Layer, precision: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the precision lives in the model copy (model_for_precision)
 
     def to_tensor(self, model: keras.layers.Layer, x: Any) -> tf.Tensor:
         if isinstance(x, np.ndarray):

@@ -87,6 +87,9 @@ class TorchBackend:
             torch.manual_seed(seed)
             yield
 
+    def model_for_precision(self, model: torch.nn.Module, precision: str) -> torch.nn.Module:
+        return model  # precision is applied by autocast (see precision())
+
     def precision(self, model: torch.nn.Module, precision: str) -> contextlib.AbstractContextManager:
         if precision == "fp32":
             return contextlib.nullcontext()

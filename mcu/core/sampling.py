@@ -84,6 +84,7 @@ class SamplingSession:
         check_int(workers, "workers", minimum=1, allow_none=True)
         impl, choice = resolve(model, backend)
         impl.dropout_layers(model)  # NoDropoutError before any work
+        model = impl.model_for_precision(model, precision)
         tensor = impl.to_tensor(model, x)
         if len(tensor.shape) == 0 or int(tensor.shape[0]) == 0:
             raise InputError(f"x: expected a batch with at least one example (N >= 1), got shape {tuple(tensor.shape)}.")

@@ -69,10 +69,44 @@ def test_seed_state_and_call_attributes_are_restored():
     np.testing.assert_array_equal(model(x, training=False), model(x, training=False))
 
 
-def test_keras_precision_other_than_fp32_is_refused_clearly():
+def test_bf16_runs_on_a_copy_and_leaves_the_model_and_policy_alone():
     model = keras.Sequential([keras.Input((3,)), L.Dense(4), L.Dropout(0.5), L.Dense(2)])
-    with pytest.raises(mcu.InputError, match="precision"):
+    before = [w.numpy().copy() for w in model.weights]
+    policy = keras.config.dtype_policy().name
+    x = np.ones((5, 3), np.float32)
+    low = mcu.sample(model, x, 400, precision="bf16", seed=0)
+    full = mcu.sample(model, x, 400, precision="fp32", seed=0)
+    assert low.dtype == np.float32 and low.shape == (400, 5, 2)
+    se = np.sqrt(low.var(0) / 400 + full.var(0) / 400)
+    assert (np.abs(low.mean(0) - full.mean(0)) < 4.5 * se + 1e-2).all()  # bf16 rounding is within MC noise
+    assert keras.config.dtype_policy().name == policy
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
+    assert model.dtype_policy.name == "float32"
+
+
+def test_low_precision_on_a_subclassed_keras_model_is_refused_clearly():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.d = L.Dense(4), L.Dropout(0.5)
+
+        def call(self, x):
+            return self.d(self.a(x))
+
+    model = Net()
+    model(np.zeros((1, 3), np.float32))
+    with pytest.raises(mcu.InputError, match="precision: 'bf16' .*Functional or Sequential"):
         mcu.sample(model, np.ones((2, 3), np.float32), 3, precision="bf16")
+
+
+def test_fp16_warns_without_native_support():
+    from mcu.backends.tensorflow import _native_fp16
+
+    if _native_fp16():
+        pytest.skip("this machine has native fp16")
+    model = keras.Sequential([keras.Input((3,)), L.Dense(4), L.Dropout(0.5), L.Dense(2)])
+    with pytest.warns(RuntimeWarning, match="no native float16"):
+        mcu.sample(model, np.ones((2, 3), np.float32), 3, precision="fp16")
 
 
 def _functional_cnn():
