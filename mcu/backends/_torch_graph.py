@@ -38,24 +38,31 @@ def bernoulli_mask(shape: tuple[int, ...], keep: float, generator: torch.Generat
                    device: torch.device) -> torch.Tensor:
     """A uint8 mask of independent Bernoulli(``keep``) draws, exact for ``keep`` as a float64.
 
-    Draws one random byte per element and compares it with the first byte of ``keep``'s binary expansion;
-    only the ~1/256 ties draw more bits (two 32-bit words), so about 8 random bits are spent per element
-    instead of a full Bernoulli draw. ``keep`` is expanded to 72 bits, which represents every float64 in
-    [2**-19, 1] exactly; below that the error is under 2**-72.
+    Draws one uniform 16-bit word per element and compares it with the first 16 bits of ``keep``'s binary
+    expansion; only the ~1/65536 ties draw more bits (two 32-bit words), so about 16 random bits are spent per
+    element instead of a full Bernoulli draw. When ``keep`` is a multiple of 2**-16 (0.5, 0.75, 0.875, ...)
+    a tie means the draw equals ``keep`` exactly and is dropped, so no extra bits are needed at all. ``keep``
+    is expanded to 80 bits, which represents every float64 in [2**-27, 1] exactly; below that the error is
+    under 2**-80.
     """
     n = math.prod(shape)
-    q = int(Fraction(keep) * (1 << 72))
+    q = int(Fraction(keep) * (1 << 80))
     top, mid, low = q >> 64, (q >> 32) & (_WORD - 1), q & (_WORD - 1)
-    raw = torch.randint(-(1 << 31), 1 << 31, ((n + 3) // 4,), generator=generator, dtype=torch.int32, device=device)
-    first = raw.view(torch.uint8)[:n]
-    mask = (first < top).to(torch.uint8)  # top == 256 only when keep == 1, handled by the caller
-    ties = (first == top).nonzero().squeeze(1)
+    raw = torch.randint(-(1 << 31), 1 << 31, ((n + 1) // 2,), generator=generator, dtype=torch.int32, device=device)
+    first = raw.view(torch.int16)[:n]  # uniform over [-2**15, 2**15): shift the threshold, not the data
+    mask = (first < top - (1 << 15)).view(torch.uint8)
+    if mid == 0 and low == 0:
+        return mask.view(shape)  # a tie equals keep's expansion exactly: U >= keep, dropped
+    ties = first == top - (1 << 15)
+    if not bool(ties.any()):
+        return mask.view(shape)
+    ties = ties.nonzero().squeeze(1)
     for threshold in (mid, low):
-        if ties.numel() == 0:
-            break
         words = _random_words(ties.numel(), generator, device)
         mask[ties[words < threshold]] = 1
         ties = ties[words == threshold]
+        if ties.numel() == 0:
+            break
     return mask.view(shape)  # remaining ties: the draw equals keep's expansion, so U >= keep: dropped
 
 
@@ -75,7 +82,7 @@ def fast_dropout(x: torch.Tensor, module: nn.Module, generator: torch.Generator 
     mask_shape = tuple(x.shape) if rank is None else tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
     keep = 1.0 - module.p
     mask = bernoulli_mask(mask_shape, keep, generator, x.device)
-    return x * mask.to(x.dtype) * (1.0 / keep)
+    return x.mul(mask).mul_(1.0 / keep)  # uint8 mask promotes to x's dtype; one new tensor
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:

@@ -108,12 +108,14 @@ class TorchBackend:
         if isinstance(x, torch.Tensor):
             tensor = x.detach()
         elif isinstance(x, np.ndarray):
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise InputError("x: contains NaN or infinite values; expected finite inputs.")
             tensor = torch.from_numpy(np.ascontiguousarray(x))
             if tensor.is_floating_point():
                 tensor = tensor.to(dtype)  # numpy float64 -> the model's parameter dtype (documented)
         else:
             raise InputError(f"x: expected a numpy array or a torch.Tensor, got {type(x).__qualname__}.")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if isinstance(x, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InputError("x: contains NaN or infinite values; expected finite inputs.")
         return tensor.to(device)
 
