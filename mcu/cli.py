@@ -17,24 +17,18 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str) -> "callable":
-    def run(args: argparse.Namespace) -> int:
-        return importlib.import_module(module).main(args.rest)
-
-    return run
+_DELEGATED = {"bench": "benchmarks.__main__", "demo": "mcu.demo"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:  # the sub-command parses its own options (--quick, --out, ...)
+        return importlib.import_module(_DELEGATED[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="mcu", description="Monte Carlo dropout uncertainty toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="installed frameworks, the selected backend and why").set_defaults(run=_info)
-    for name, module, text in (
-        ("bench", "benchmarks.__main__", "benchmark the sampling strategies (speed, memory, precision)"),
-        ("demo", "mcu.demo", "train a small dropout classifier on bundled digits and report its uncertainty"),
-    ):
-        command = sub.add_parser(name, help=text, add_help=False)
-        command.add_argument("rest", nargs=argparse.REMAINDER)
-        command.set_defaults(run=_delegate(module))
+    sub.add_parser("bench", help="benchmark the sampling strategies (speed, memory, precision); see mcu bench -h")
+    sub.add_parser("demo", help="train a dropout classifier on bundled digits and report its uncertainty; mcu demo -h")
     args = parser.parse_args(argv)
     return args.run(args)
 

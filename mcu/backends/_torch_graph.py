@@ -66,12 +66,14 @@ def bernoulli_mask(shape: tuple[int, ...], keep: float, generator: torch.Generat
     return mask.view(shape)  # remaining ties: the draw equals keep's expansion, so U >= keep: dropped
 
 
-def fast_dropout(x: torch.Tensor, module: nn.Module, generator: torch.Generator | None) -> torch.Tensor:
+def fast_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Generator] | None) -> torch.Tensor:
     """``module(x)`` in training mode, with masks from :func:`bernoulli_mask`; same distribution.
 
-    ``generator=None`` means dropout inactive (identity), used to validate a split.
+    ``x`` holds ``k = len(generators)`` stacked copies; copy ``j``'s mask comes from ``generators[j]``, so a
+    sample's randomness depends only on its own generator, never on how samples were grouped into passes.
+    ``generators=None`` means dropout inactive (identity), used to validate a split.
     """
-    if generator is None or module.p == 0.0:
+    if generators is None or module.p == 0.0:
         return x
     if module.p == 1.0:
         return x * 0.0
@@ -79,9 +81,11 @@ def fast_dropout(x: torch.Tensor, module: nn.Module, generator: torch.Generator 
     rank = _CHANNEL_RANK.get(kind)
     if rank is not None and x.dim() != rank:
         raise _Unsupported(f"{kind.__name__} on a {x.dim()}-D input")
-    mask_shape = tuple(x.shape) if rank is None else tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
+    rows = x.shape[0] // len(generators)
+    mask_shape = (rows,) + (tuple(x.shape[1:]) if rank is None else (x.shape[1],) + (1,) * (x.dim() - 2))
     keep = 1.0 - module.p
-    mask = bernoulli_mask(mask_shape, keep, generator, x.device)
+    masks = [bernoulli_mask(mask_shape, keep, g, x.device) for g in generators]
+    mask = masks[0] if len(masks) == 1 else torch.cat(masks)
     return x.mul(mask).mul_(1.0 / keep)  # uint8 mask promotes to x's dtype; one new tensor
 
 
@@ -97,14 +101,15 @@ class _Unsupported(Exception):
     pass
 
 
-def _native_dropout(x: torch.Tensor, module: nn.Module, generator: torch.Generator | None) -> torch.Tensor:
+def _native_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Generator] | None) -> torch.Tensor:
     """Dropout kinds without a fast path (AlphaDropout, FeatureAlphaDropout) run natively (global RNG)."""
-    return x if generator is None else module(x)
+    return x if generators is None else module(x)
 
 
 @dataclass
 class TorchSplit:
-    """A validated prefix/suffix pair. ``suffix(frontier, generator)`` with ``generator=None`` disables dropout."""
+    """A validated prefix/suffix pair. ``suffix(frontier, generators)``: one generator per stacked copy;
+    ``None`` disables dropout."""
 
     prefix_module: torch.fx.GraphModule
     suffix_module: torch.fx.GraphModule
@@ -117,8 +122,9 @@ class TorchSplit:
         memory layout oneDNN convolutions and pooling run fastest on (measured ~2x on this project's CPU)."""
         return [_channels_last(t) for t in self.prefix_module(x)]
 
-    def suffix(self, frontier: list[torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
-        return self.suffix_module(*frontier, generator)
+    def suffix(self, frontier: list[torch.Tensor], generators: list[torch.Generator] | None) -> torch.Tensor:
+        with torch.no_grad():  # also in worker threads, where grad mode is not inherited
+            return self.suffix_module(*frontier, generators)
 
     @property
     def description(self) -> str:
@@ -159,7 +165,7 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...]) -> TorchSplit:
 
     suffix = torch.fx.Graph()
     env2: dict[torch.fx.Node, torch.fx.Node] = {n: suffix.placeholder(f"frontier_{i}") for i, n in enumerate(frontier)}
-    generator = suffix.placeholder("generator")
+    generator = suffix.placeholder("generators")
     native = False
     for node in graph.nodes:
         if node in env2 or (node not in stochastic and node in batched):

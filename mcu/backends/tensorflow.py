@@ -81,7 +81,7 @@ class _SplitAdapter:
     def prefix(self, x: tf.Tensor) -> list[tf.Tensor]:
         return list(self._split.prefix(x))
 
-    def suffix(self, frontier: list[tf.Tensor], generator: Any) -> tf.Tensor:
+    def suffix(self, frontier: list[tf.Tensor], generators: Any) -> tf.Tensor:
         return self._split.suffix(frontier)
 
     @property
@@ -216,8 +216,8 @@ class KerasBackend:
         split, reason = _keras_graph.prefix_split(model, x, dropout_types=self.dropout_types)
         return (None if split is None else _SplitAdapter(split)), reason
 
-    def generator(self, model: keras.layers.Layer, seed: int) -> int:
-        return seed
+    def generators(self, model: keras.layers.Layer, seeds: list[int]) -> list[int]:
+        return seeds  # unused: Keras dropout draws from the layers' seed states (see seeded())
 
     def worker_context(self, model: keras.layers.Layer, precision: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -28,6 +28,11 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     return torch.device("cpu"), torch.get_default_dtype()
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in text or "can't allocate" in text
+
+
 class TorchBackend:
     """MC dropout for ``torch.nn.Module`` models."""
 
@@ -123,6 +128,8 @@ class TorchBackend:
         try:
             out = model(x)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            if _out_of_memory(exc):
+                raise  # not an input problem: lower chunk_size / max_memory
             raise InputError(
                 f"x: the model rejected inputs of per-example shape {tuple(x.shape[1:])} and dtype {x.dtype} "
                 f"(a pass of {x.shape[0]} rows): {exc}"
@@ -147,9 +154,10 @@ class TorchBackend:
             cache[key] = _torch_graph.split_model(model, self.dropout_layers(model), x, self.dropout_types)
         return cache[key]
 
-    def generator(self, model: torch.nn.Module, seed: int) -> torch.Generator:
+    def generators(self, model: torch.nn.Module, seeds: list[int]) -> list[torch.Generator]:
+        """One generator per sample (the fast dropout masks draw from them, never from the global RNG)."""
         device, _ = _model_device_dtype(model)
-        return torch.Generator(device=device).manual_seed(seed)
+        return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
     @contextlib.contextmanager
     def worker_threads(self, workers: int) -> Iterator[None]:

@@ -20,10 +20,10 @@ from mcu.metrics.streaming import ClassificationAccumulator, RegressionAccumulat
 __all__ = ["Prediction", "predict"]
 
 TASKS = ("classification", "regression")
-#: bytes of raw outputs held at once for one chunk of samples
-CHUNK_BYTES = 16 << 20
+#: bytes of raw outputs per chunk of samples (the accumulators make ~6 float64 temporaries of a chunk)
+CHUNK_BYTES = 1 << 20
 #: examples per batch when the caller gives none
-DEFAULT_BATCH = 4096
+DEFAULT_BATCH = 1024
 _SCORES = {"classification": ("mutual_information", "predictive_entropy", "expected_entropy"),
            "regression": ("predictive_mean",)}
 
@@ -159,7 +159,7 @@ def predict(
         from_logits: classification outputs are logits (softmax applied) or probabilities (checked).
         seed: reproducible results for the same ``batch_size`` (each batch gets its own derived seed).
         strategy: as in :func:`mcu.sample`.
-        batch_size: examples per batch (default ``min(N, 4096)``).
+        batch_size: examples per batch (default ``min(N, 1024)``).
         tol, max_samples, score: the stopping rule of ``n_samples="auto"`` (score defaults to
             ``mutual_information`` for classification, ``predictive_mean`` for regression).
         noise_var, heteroscedastic: the aleatoric term for regression (see

@@ -89,7 +89,8 @@ class SamplingSession:
         if len(tensor.shape) == 0 or int(tensor.shape[0]) == 0:
             raise InputError(f"x: expected a batch with at least one example (N >= 1), got shape {tuple(tensor.shape)}.")
         self.plan = Plan(backend=impl, model=model, x=tensor, chunk_size=chunk_size, max_memory=max_memory,
-                         precision=precision, seeds=np.random.SeedSequence(seed), workers=workers)
+                         precision=precision, seeds=np.random.SeedSequence(seed), workers=workers,
+                         seeded=seed is not None)
         self._requested, self._mode, self._hint = strategy, mode, n_samples_hint
         self.info = SampleInfo(impl.name, choice.reason, strategy, "", chunk_size, precision, mode)
         self._contexts = [impl.mc_mode(model, mode), impl.precision(model, precision), impl.seeded(model, seed)]
@@ -159,7 +160,7 @@ def sample(
             :mod:`mcu.strategies`); all are exact. ``"auto"`` probes the candidates once per model and input
             shape and keeps the fastest.
         chunk_size: at most this many rows per forward pass (copies of the batch for ``"vectorized"``).
-        max_memory: bytes the stacked copies may take (default: about one full pass, at least 32 MB).
+        max_memory: bytes the stacked copies may take (default: about one full pass, at least 8 MB).
         workers: threads for ``"parallel"`` (default: the CPU count).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; warns where the hardware lacks support).
         seed: makes the call reproducible without touching the global random state.

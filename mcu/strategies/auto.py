@@ -1,12 +1,15 @@
 """Strategy preparation and the ``auto`` choice.
 
-``auto`` picks the fastest *exact fp32-or-requested-precision* strategy for this model and input shape by a
+``auto`` picks the fastest exact strategy (in the requested precision) for this model and input shape by a
 short probe: each candidate (loop; vectorized and prefix at a few copies per pass; parallel) runs one block
-after a warm-up, and the lowest time per sample wins. The probe runs under a fixed seed inside the backend's
+after a warm-up, and the lowest time per sample wins. A *seeded* call compares only configurations that
+return identical samples (prefix/parallel with per-sample generators, any copies or workers); where the
+model's dropout draws from a shared random state it uses a fixed configuration — so timing never changes
+what a seeded call returns. The probe runs under a fixed seed inside the backend's
 ``seeded`` block, so it neither consumes the user's random stream nor changes a seeded call's result. The
 choice is cached per model, per-example input shape, batch size, precision and sample count bucket, so it is
 stable across calls, and it is explained in ``SampleInfo``. Copies per pass are capped by a memory budget
-(``max_memory``; by default about one full pass's activations, at least 32 MB).
+(``max_memory``; by default about one full pass's activations, at least 8 MB).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from mcu.strategies.vectorized import VectorizedStrategy
 
 __all__ = ["prepare"]
 
-MIN_BUDGET = 32 << 20
+MIN_BUDGET = 8 << 20
 _COPIES = (1, 2, 4, 8, 16, 32, 64, 128)
 _cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _SPLIT_STRATEGIES = ("prefix", "parallel")
@@ -87,18 +90,24 @@ def _probe(plan: Plan, n_samples: int) -> tuple[Any, int, str]:
     budget = _budget(plan)
     backend = plan.backend
     per_copy_full = backend.activation_bytes(lambda: backend.forward(plan.model, plan.x))
-    candidates: list[tuple[Any, int]] = [(LoopStrategy(), 1)]
-    families: list[tuple[Any, int]] = [(VectorizedStrategy(), _max_copies(plan, budget, per_copy_full, n_samples))]
+    # A seeded call only compares configurations that return the same samples (per-sample generators).
+    families: list[tuple[Any, int]] = [] if plan.seeded else [
+        (VectorizedStrategy(), _max_copies(plan, budget, per_copy_full, n_samples))]
     if plan.split is not None:
         frontier = plan.split.prefix(plan.x)
-        suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generator(plan.model, 0)))
+        suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generators(plan.model, [0])))
         per_copy = None if suffix is None else suffix + sum(backend.nbytes(f) for f in frontier)
         limit = _max_copies(plan, budget, per_copy, n_samples)
         families.append((PrefixStrategy(), limit))
-        if (os.cpu_count() or 1) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
-            families.append((ParallelStrategy(), limit))
-    timings: dict[str, float] = {"loop": _time_per_sample(LoopStrategy(), plan, 1)}
-    best = (timings["loop"], LoopStrategy(), 1)
+        workers = plan.workers or os.cpu_count() or 1
+        if workers > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
+            # every worker holds its own block: the budget is shared between them
+            families.append((ParallelStrategy(), max(1, limit // workers)))
+    timings: dict[str, float] = {}
+    best = (float("inf"), PrefixStrategy(), 1)
+    if not plan.seeded:
+        timings["loop"] = _time_per_sample(LoopStrategy(), plan, 1)
+        best = (timings["loop"], LoopStrategy(), 1)
     for strategy, limit in families:
         previous = float("inf")
         for copies in (c for c in _COPIES if c <= limit):
@@ -132,10 +141,17 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
     if requested != "auto":
         return _explicit(plan, requested)
     why = _attach_split(plan)
+    per_sample_rng = plan.split is not None and not plan.split.native_rng
+    if plan.seeded and not per_sample_rng:
+        # Timing must not decide what a seeded call returns: a fixed configuration instead of a probe.
+        strategy = PrefixStrategy() if plan.split is not None else VectorizedStrategy()
+        return strategy, (f"seeded call: {strategy.name} with the default rows per pass, chosen without timing "
+                          "(these dropout layers draw from a shared random state, so a timed choice could change "
+                          f"the samples){_split_note(plan, why)}")
     if n_samples == 1:
         return (PrefixStrategy(), f"one sample; split: {why}") if plan.split else (LoopStrategy(), "one sample")
     key = (tuple(plan.x.shape), str(plan.x.dtype), plan.chunk_size, plan.max_memory, min(n_samples, _COPIES[-1]),
-           plan.precision)
+           plan.precision, plan.seeded)
     cache = _cache.setdefault(plan.model, {})
     if key not in cache:
         seeds, plan.seeds = plan.seeds, np.random.SeedSequence(0)  # the probe must not advance the user's stream
@@ -146,5 +162,8 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
             plan.seeds = seeds
     strategy, copies, reason = cache[key]
     plan.copies = copies
-    split_note = f"; split: {why}" if plan.split is not None else f"; no split ({why})"
-    return strategy, f"{strategy.name} with {copies} copies per pass: {reason}{split_note}"
+    return strategy, f"{strategy.name} with {copies} copies per pass: {reason}{_split_note(plan, why)}"
+
+
+def _split_note(plan: Plan, why: str) -> str:
+    return f"; split: {why}" if plan.split is not None else f"; no split ({why})"

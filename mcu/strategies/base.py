@@ -24,6 +24,7 @@ class Plan:
     split: Any = None  # a validated prefix/suffix split (prefix and parallel strategies)
     copies: int | None = None  # copies of the batch per pass, when auto tuned it
     workers: int | None = None  # threads for the parallel strategy
+    seeded: bool = False  # the caller gave a seed: auto must not let timing change the result
 
     @property
     def n_rows(self) -> int:
@@ -35,10 +36,11 @@ class Plan:
             return self.copies
         return max(1, (self.chunk_size or max(default_rows, self.n_rows)) // self.n_rows)
 
-    def block_seeds(self, n_blocks: int) -> list[int]:
-        """Independent seeds, one per block of samples, derived from the session seed (stateful: each call
-        continues the stream, so successive draws differ)."""
-        return [int(s.generate_state(1, np.uint64)[0] >> 1) for s in self.seeds.spawn(n_blocks)]
+    def sample_seeds(self, n_samples: int) -> list[int]:
+        """One independent seed per sample, derived from the session seed in sample order (stateful: each
+        call continues the stream). Strategies with per-sample generators therefore give the same samples
+        however they group them into passes or spread them over workers."""
+        return [int(s.generate_state(1, np.uint64)[0] >> 1) for s in self.seeds.spawn(n_samples)]
 
 
 class Strategy(Protocol):

@@ -14,20 +14,28 @@ from typing import Any, Iterator
 import numpy as np
 
 from mcu.strategies.base import Plan
-from mcu.strategies.vectorized import blocks
 
-__all__ = ["PrefixStrategy", "run_block"]
+__all__ = ["PrefixStrategy", "plan_blocks", "run_block"]
 
 #: Rows per suffix pass when neither the caller nor ``auto`` chose.
 DEFAULT_ROWS = 512
 
 
-def run_block(plan: Plan, frontier: list[Any], copies: int, seed: int) -> np.ndarray:
-    """One block: ``copies`` samples from the stacked frontier (sliced from a repeated buffer)."""
-    n = plan.n_rows
+def run_block(plan: Plan, frontier: list[Any], seeds: list[int]) -> np.ndarray:
+    """One block: ``len(seeds)`` samples from the stacked frontier (sliced from a repeated buffer)."""
+    n, copies = plan.n_rows, len(seeds)
     inputs = [f[: copies * n] for f in frontier]
-    out = plan.backend.to_numpy(plan.split.suffix(inputs, plan.backend.generator(plan.model, seed)))
+    out = plan.backend.to_numpy(plan.split.suffix(inputs, plan.backend.generators(plan.model, seeds)))
     return out.reshape((copies, n) + out.shape[1:])
+
+
+def plan_blocks(plan: Plan, n_samples: int) -> tuple[list[Any], list[list[int]]]:
+    """The repeated frontier and the per-sample seeds grouped into blocks of at most ``copies``."""
+    copies = plan.copies_per_pass(DEFAULT_ROWS)
+    seeds = plan.sample_seeds(n_samples)
+    blocks = [seeds[i : i + copies] for i in range(0, n_samples, copies)]
+    frontier = [plan.backend.repeat(f, len(blocks[0])) for f in plan.split.prefix(plan.x)]
+    return frontier, blocks
 
 
 class PrefixStrategy:
@@ -36,8 +44,6 @@ class PrefixStrategy:
     def draw(self, plan: Plan, n_samples: int) -> Iterator[np.ndarray]:
         if plan.split is None:
             raise RuntimeError("the prefix strategy needs plan.split (prepared by mcu.strategies.auto.prepare)")
-        copies = plan.copies_per_pass(DEFAULT_ROWS)
-        sizes = blocks(n_samples, copies)
-        frontier = [plan.backend.repeat(f, sizes[0]) for f in plan.split.prefix(plan.x)]
-        for size, seed in zip(sizes, plan.block_seeds(len(sizes))):
-            yield run_block(plan, frontier, size, seed)
+        frontier, blocks = plan_blocks(plan, n_samples)
+        for seeds in blocks:
+            yield run_block(plan, frontier, seeds)

@@ -106,6 +106,19 @@ def test_parallel_is_deterministic_whatever_the_number_of_workers(workers):
     assert torch.get_num_threads() >= 1
 
 
+@pytest.mark.parametrize("chunk_size", [4, 12, 40, 400])
+def test_samples_do_not_depend_on_how_they_are_grouped_into_passes(chunk_size):
+    """Per-sample generators: prefix with any copies per pass, and seeded auto, return the same samples."""
+    model = _models.zoo("torch").cnn()
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    reference = mcu.sample(model, x, 9, strategy="prefix", chunk_size=4, seed=7)
+    np.testing.assert_allclose(mcu.sample(model, x, 9, strategy="prefix", chunk_size=chunk_size, seed=7), reference,
+                               rtol=1e-5, atol=1e-6)  # batched convolutions may round differently
+    auto, info = mcu.sample(model, x, 9, chunk_size=chunk_size, seed=7, return_info=True)
+    assert info.strategy in ("prefix", "parallel")
+    np.testing.assert_allclose(auto, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_parallel_restores_the_thread_count():
     before = torch.get_num_threads()
     mcu.sample(_models.zoo("torch").mlp(), np.ones((2, 784), np.float32), 8, strategy="parallel", workers=2)
@@ -134,9 +147,8 @@ def test_auto_probe_leaves_the_global_rng_alone():
     torch.manual_seed(5)
     expected = torch.rand(2)
     torch.manual_seed(5)
-    mcu.sample(model, np.ones((3, 784), np.float32), 20)  # probe + unseeded sampling on fast paths
-    mcu.sample(model, np.ones((3, 784), np.float32), 20, seed=1)
-    # the unseeded fast path draws its seeds from numpy entropy, not torch's global generator
+    _, info = mcu.sample(model, np.ones((3, 784), np.float32), 20, seed=1, return_info=True)
+    assert "probe" in info.strategy_reason  # the first call on this model probed
     assert torch.equal(torch.rand(2), expected)
 
 

@@ -1,0 +1,54 @@
+"""Smoke test of the benchmark suite (``mcu bench``): a tiny run end to end on both backends.
+
+One workload, N=8, T=4, one repeat; an unregistered strategy name must come back as FAILED rows (on both
+backends) while everything else still runs and the JSON, CSV, PNG and Markdown files are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from tests.conftest import require_backend
+
+
+def test_bench_smoke(tmp_path, capsys):
+    require_backend("torch")
+    require_backend("tensorflow")
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "results"
+    code = main([
+        "--backend", "all", "--workloads", "mlp", "--n", "8", "--t", "4", "--repeats", "1",
+        "--strategies", "loop,vectorized,no-such-strategy", "--precisions", "fp32,bf16",
+        "--externals", "article-loop", "--memory-cases", "8,4", "--memory-strategies", "vectorized",
+        "--memory-precisions", "fp32",
+        "--precision-case", "8,4", "--convergence-t", "2,4", "--convergence-seeds", "2", "--convergence-n", "4",
+        "--out", str(out), "--markdown", str(tmp_path / "RESULTS.md"), "--no-progress",
+    ])
+    assert code == 0
+
+    results = json.loads((out / "results.json").read_text())
+    timing = results["timing"]
+    assert {r["backend"] for r in timing} == {"torch", "tensorflow"}
+    for backend in ("torch", "tensorflow"):
+        rows = {(r["strategy"], r["precision"], r["kind"]): r for r in timing if r["backend"] == backend}
+        loop = rows[("loop", "fp32", "mcu")]
+        assert loop["status"] == "ok" and loop["speedup"] == 1.0 and loop["median_s"] > 0
+        assert rows[("vectorized", "fp32", "mcu")]["status"] == "ok"
+        failed = rows[("no-such-strategy", "fp32", "mcu")]
+        assert failed["status"] == "FAILED" and "no-such-strategy" in failed["error"]
+        assert any(r["kind"] == "external" and r["status"] == "ok" for r in rows.values())  # the article's loop
+        assert results["backends"][backend]["threads"]
+    assert {r["backend"] for r in results["memory"] if r["status"] == "ok" and r["peak_mb"] > 0} == {"torch", "tensorflow"}
+    assert any(r["precision"] == "bf16" and r["status"] == "ok" for r in results["precision"])
+    assert {r["t"] for r in results["convergence"]} == {2, 4}
+    assert results["meta"]["machine"]["cores"] >= 1
+
+    with (out / "timing.csv").open() as f:
+        assert {row["backend"] for row in csv.DictReader(f)} == {"torch", "tensorflow"}
+    for name in ("memory.csv", "precision.csv", "convergence.csv", "speedup.png", "memory.png", "convergence.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "FAILED[" in (tmp_path / "RESULTS.md").read_text()
+    printed = capsys.readouterr().out
+    assert "Timing" in printed and "FAILED[" in printed and "no-such-strategy" in printed
