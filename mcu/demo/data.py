@@ -26,6 +26,7 @@ __all__ = [
     "diabetes_splits",
     "digits_pool",
     "digits_splits",
+    "initial_indices",
     "upsample_28",
 ]
 

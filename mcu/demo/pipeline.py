@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -52,7 +52,6 @@ class DemoConfig:
     convergence_ts: tuple[int, ...] = (10, 20, 50, 100, 200)
     convergence_examples: int = 300
     progress: bool = True
-    timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def quick(cls, backend: str, **overrides: Any) -> "DemoConfig":

@@ -155,7 +155,8 @@ def plot_confidence_examples(examples: Sequence[dict[str, Any]], path: Path) -> 
         ax.imshow(ex["image"], cmap="gray_r", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
-        colour = "tab:red" if ex["source"] != "seen" else ("tab:green" if ex["truth"] == ex["predicted"] else "tab:orange")
+        right = ex["truth"] == ex["predicted"]
+        colour = "tab:red" if ex["source"] != "seen" else ("tab:green" if right else "tab:orange")
         ax.set_title(f"true {ex['truth']} → {ex['predicted']}\np={ex['max_probability']:.2f} "
                      f"MI={ex['mutual_information']:.2f}", fontsize=8, color=colour)
         ax.set_xlabel(ex["source"], fontsize=8)
@@ -192,8 +193,10 @@ def plot_reliability(calib: dict[str, Any], path: Path) -> Path:
     plot_reliability_diagram(diagram, ax=ax)
     for left, width, count, acc in zip(diagram.bin_edges[:-1], np.diff(diagram.bin_edges), diagram.counts,
                                        diagram.accuracy):
-        if count:
-            ax.text(left + width / 2, min(acc, 0.93) + 0.02, f"n={count}", ha="center", fontsize=7)
+        if count:  # inside the top of a tall bar (white), above a short one (black)
+            inside = acc > 0.9
+            ax.text(left + width / 2, acc - 0.05 if inside else acc + 0.02, f"n={count}", ha="center", fontsize=7,
+                    color="white" if inside else "black")
     ax.legend(loc="center left")
     ax.set_title(f"Reliability of the MC-dropout mean (seen test digits)\nECE {calib['diagram'].ece:.3f} "
                  f"(one deterministic pass: {calib['ece_deterministic']:.3f})", fontsize=10)
