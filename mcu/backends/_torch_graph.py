@@ -34,26 +34,40 @@ def _random_words(n: int, generator: torch.Generator | None, device: torch.devic
     return words.to(torch.int64) + (1 << 31)
 
 
+def _uniform_words(n: int, bits: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``n`` independent uniform words of 8 bits (uint8) or 16 bits (int16, i.e. offset by -2**15).
+
+    Drawn as 63-bit integers (``random_`` on int64 is uniform on [0, 2**63): a 64-bit draw modulo a power of
+    two) of which the low 56 bits (7 bytes) or 48 bits (3 words) are used; the cost is per drawn integer, so
+    packing several words into each draw is what makes this cheap. Returned flat, possibly a strided view.
+    """
+    per, dtype, width = (7, torch.uint8, 8) if bits == 8 else (3, torch.int16, 4)
+    rows = -(-n // per)
+    raw = torch.empty(rows, dtype=torch.int64, device=device).random_(generator=generator)
+    return raw.view(dtype).view(rows, width)[:, :per]
+
+
 def bernoulli_mask(shape: tuple[int, ...], keep: float, generator: torch.Generator | None,
                    device: torch.device) -> torch.Tensor:
     """A uint8 mask of independent Bernoulli(``keep``) draws, exact for ``keep`` as a float64.
 
-    Draws one uniform 16-bit word per element and compares it with the first 16 bits of ``keep``'s binary
-    expansion; only the ~1/65536 ties draw more bits (two 32-bit words), so about 16 random bits are spent per
-    element instead of a full Bernoulli draw. When ``keep`` is a multiple of 2**-16 (0.5, 0.75, 0.875, ...)
-    a tie means the draw equals ``keep`` exactly and is dropped, so no extra bits are needed at all. ``keep``
-    is expanded to 80 bits, which represents every float64 in [2**-27, 1] exactly; below that the error is
-    under 2**-80.
+    Compares one uniform word per element with the leading bits of ``keep``'s binary expansion: 8-bit words
+    when ``keep`` is a multiple of 1/256 (0.5, 0.75, 0.9375, ...: a tie then means the draw equals ``keep``
+    and is dropped, so the comparison is exact), otherwise 16-bit words, and only the ~1/65536 ties draw more
+    bits (two 32-bit words). ``keep`` is expanded to 80 bits, which represents every float64 in [2**-27, 1]
+    exactly; below that the error is under 2**-80.
     """
     n = math.prod(shape)
     q = int(Fraction(keep) * (1 << 80))
+    if q % (1 << 72) == 0:
+        words = _uniform_words(n, 8, generator, device)
+        return (words < (q >> 72)).reshape(-1)[:n].view(torch.uint8).view(shape)
     top, mid, low = q >> 64, (q >> 32) & (_WORD - 1), q & (_WORD - 1)
-    raw = torch.randint(-(1 << 31), 1 << 31, ((n + 1) // 2,), generator=generator, dtype=torch.int32, device=device)
-    first = raw.view(torch.int16)[:n]  # uniform over [-2**15, 2**15): shift the threshold, not the data
-    mask = (first < top - (1 << 15)).view(torch.uint8)
+    first = _uniform_words(n, 16, generator, device)  # uniform over [-2**15, 2**15): shift the threshold
+    mask = (first < top - (1 << 15)).reshape(-1)[:n].view(torch.uint8)
     if mid == 0 and low == 0:
         return mask.view(shape)  # a tie equals keep's expansion exactly: U >= keep, dropped
-    ties = first == top - (1 << 15)
+    ties = (first == top - (1 << 15)).reshape(-1)[:n]
     if not bool(ties.any()):
         return mask.view(shape)
     ties = ties.nonzero().squeeze(1)
