@@ -9,7 +9,7 @@ import numpy as np
 from mcu.active._pool import iter_chunks, pool_length
 from mcu.active.acquisition import SCORES, bald, batch_bald, get_heuristic, uniform_scores
 from mcu.core.progress import progress_bar
-from mcu.core.sampling import check_int, sample
+from mcu.core.sampling import check_choice, check_int, sample
 from mcu.errors import InputError
 
 __all__ = ["query"]
@@ -29,6 +29,9 @@ def query(
     from_logits: bool = True,
     subset: Iterable[int] | None = None,
     n_candidates: int | None = None,
+    strategy: str = "auto",
+    engine: str = "local",
+    **engine_options: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` pool examples the model is most uncertain about, by an acquisition heuristic.
 
@@ -58,6 +61,9 @@ def query(
         subset: pool indices to consider (e.g. the unlabeled ones); default: the whole pool.
         n_candidates: BatchBALD's candidate-set size, raised to ``k`` if smaller (ignored by the other
             heuristics).
+        strategy: forwarded to :func:`mcu.sample` (pass it explicitly to reproduce a query exactly elsewhere).
+        engine: ``"local"`` (this process) or ``"ray"`` (Ray Data actors, see :func:`mcu.distributed.query`;
+            ``engine_options`` such as ``num_workers`` go there).
 
     Returns:
         ``(indices, scores)``: pool indices of the chosen examples, ``(k,)`` int64, and their scores,
@@ -69,6 +75,15 @@ def query(
         >>> bool((np.diff(scores) <= 0).all())                                         # doctest: +SKIP
         True
     """
+    check_choice(engine, "engine", ("local", "ray"))
+    if engine == "ray":
+        from mcu.distributed import query as ray_query
+
+        return ray_query(model, pool, k, heuristic=heuristic, n_samples=n_samples, batch_size=batch_size, seed=seed,
+                         progress=progress, backend=backend, from_logits=from_logits, subset=subset,
+                         n_candidates=n_candidates, strategy=strategy, **engine_options)
+    if engine_options:
+        raise InputError(f"engine_options: {sorted(engine_options)} only apply to engine='ray'.")
     get_heuristic(heuristic)
     check_int(k, "k", minimum=1)
     check_int(n_samples, "n_samples", minimum=1)
@@ -88,7 +103,7 @@ def query(
             if heuristic == "random":  # no model needed
                 best.push(indices, uniform_scores(len(indices), chunk_seed))
             else:
-                samples = sample(model, x, n_samples, seed=chunk_seed, backend=backend)
+                samples = sample(model, x, n_samples, seed=chunk_seed, backend=backend, strategy=strategy)
                 score = SCORES[heuristic] if pointwise else bald
                 best.push(indices, score(samples, from_logits=from_logits), samples)
             bar.update()

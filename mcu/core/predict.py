@@ -146,6 +146,7 @@ def predict(
     noise_var: Any = None,
     heteroscedastic: bool = False,
     progress: bool = False,
+    engine: str = "local",
     **sample_options: Any,
 ) -> Prediction:
     """Sample and summarise: per-example uncertainty with memory bounded by the batch, never by T.
@@ -165,6 +166,9 @@ def predict(
         noise_var, heteroscedastic: the aleatoric term for regression (see
             :class:`mcu.metrics.RegressionAccumulator`).
         progress: show a progress bar (tqdm) over examples.
+        engine: ``"local"`` (this process) or ``"ray"``: the same computation on Ray Data actors, equal for
+            the same seed, batch size and strategy (:func:`mcu.distributed.predict`; ``num_workers`` and other
+            Ray options go through ``**sample_options``).
         **sample_options: ``chunk_size``, ``precision``, ``backend``, ``mode``, ``max_memory``, ``workers``.
 
     Returns:
@@ -174,6 +178,13 @@ def predict(
         x: ``(N, ...)`` -> per-example metrics ``(N,)`` or ``(N, C)``; peak extra memory ~ one chunk of
         ``(t, batch_size, C)`` outputs plus O(N·C) results.
     """
+    check_choice(engine, "engine", ("local", "ray"))
+    if engine == "ray":
+        from mcu.distributed import predict as ray_predict
+
+        return ray_predict(model, x, n_samples, task=task, from_logits=from_logits, seed=seed, strategy=strategy,
+                           batch_size=batch_size, tol=tol, max_samples=max_samples, score=score, noise_var=noise_var,
+                           heteroscedastic=heteroscedastic, progress=progress, **sample_options)
     check_choice(task, "task", TASKS)
     score = _check_auto(n_samples, tol, max_samples, score, task)
     n = _n_rows(x)

@@ -4,12 +4,14 @@ Run ``python -m mcu.distributed._throughput`` (options: ``--help``). It starts a
 machine's CPUs (or connects to ``--address``), then, interleaving the configurations for ``--repeats`` rounds,
 times:
 
-* ``mcu.predict`` in this process with torch limited to 1 thread and to all cores (the baselines);
+* ``mcu.predict`` in this process with torch limited to 1 thread and to all cores (the baselines), first
+  before Ray starts, then again while Ray runs (its daemons take some CPU: multi-threaded torch, whose threads
+  wait for each other, suffers most on a small machine);
 * ``mcu.distributed.predict`` with ``w`` workers of ``--cpus-per-worker`` CPUs, end to end (actor start-up,
   model loading, scoring, Parquet writing), for each ``w`` in ``--workers``.
 
-It prints medians (examples per second) and the speed-up over the 1-thread baseline, with the machine and
-versions. Numbers on a shared machine are noisy: other processes compete for the cores.
+It prints medians (examples per second) and the speed-up over the 1-thread baseline without Ray, with the
+machine and versions. Numbers on a shared machine are noisy: other processes compete for the cores.
 """
 
 from __future__ import annotations
@@ -60,10 +62,6 @@ def main(argv: list[str] | None = None) -> None:
     import mcu.distributed
 
     cpus = os.cpu_count() or 1
-    if args.address:
-        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
-    else:
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     x = np.random.default_rng(0).standard_normal((args.n, 784)).astype(np.float32)
     model = build_model()
     common = dict(seed=0, batch_size=args.batch_size, strategy=args.strategy)
@@ -86,15 +84,27 @@ def main(argv: list[str] | None = None) -> None:
                                     cpus_per_worker=args.cpus_per_worker, **common)
         return run
 
-    configs = {"mcu.predict, 1 thread": local(1), f"mcu.predict, {cpus} threads": local(cpus)}
-    for w in args.workers:
-        configs[f"ray, {w} worker(s) x {args.cpus_per_worker:g} CPU"] = distributed(w)
+    baselines = {"mcu.predict, 1 thread": local(1), f"mcu.predict, {cpus} threads": local(cpus)}
     local(1)()  # warm-up: imports, the strategy's first pass
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    try:
+    times: dict[str, list[float]] = {}
+
+    def rounds(configs: dict[str, Callable[[], Any]], suffix: str) -> None:
+        for name in configs:
+            times[name + suffix] = []
         for _ in range(args.repeats):
             for name, fn in configs.items():
-                times[name].append(_time(fn))
+                times[name + suffix].append(_time(fn))
+
+    rounds(baselines, " (no Ray)")
+    if args.address:
+        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+    else:
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    configs = dict(baselines)
+    for w in args.workers:
+        configs[f"ray, {w} worker(s) x {args.cpus_per_worker:g} CPU"] = distributed(w)
+    try:
+        rounds(configs, "")
     finally:
         shutil.rmtree(out, ignore_errors=True)
         ray.shutdown()
@@ -104,11 +114,11 @@ def main(argv: list[str] | None = None) -> None:
           f"mcu {mcu.__version__}")
     print(f"workload: N={args.n} x 784 -> 512 -> 10 MLP, T={args.samples}, batch {args.batch_size}, "
           f"strategy {args.strategy}; median of {args.repeats} interleaved runs, end to end")
-    base = statistics.median(times["mcu.predict, 1 thread"])
-    print(f"{'configuration':<34}{'median s':>10}{'examples/s':>12}{'vs 1 thread':>13}")
+    base = statistics.median(times["mcu.predict, 1 thread (no Ray)"])
+    print(f"{'configuration':<44}{'median s':>10}{'examples/s':>12}{'vs 1 thread':>13}")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<34}{median:>10.2f}{args.n / median:>12.0f}{base / median:>12.2f}x")
+        print(f"{name:<44}{median:>10.2f}{args.n / median:>12.0f}{base / median:>12.2f}x")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from mcu.active.query import _check_k, _sorted_subset, derive_seed
 from mcu.core.predict import DEFAULT_BATCH, TASKS, _check_auto, _predict_batch
 from mcu.core.sampling import check_choice, check_int, sample
 from mcu.distributed.loading import ModelSource, describe, load_model
-from mcu.distributed.results import read_prediction, to_table
+from mcu.distributed.results import prediction_from_table, read_prediction, to_table
 from mcu.distributed.sources import (
     Pool,
     PoolReader,
@@ -244,7 +244,7 @@ def _make_pool(data: Any, column: Any, shape: Any, id_column: str | None) -> Poo
             if name not in names:
                 arg = "id_column" if name == id_column else "column"
                 raise InputError(f"{arg}: {name!r} is not a column of the Ray Dataset; its columns: {names}.")
-        options = data.context.execution_options
+        options = getattr(data, "context", ray.data.DataContext.get_current()).execution_options
         saved, options.preserve_order = options.preserve_order, True  # row order = pool order, every run
         try:
             refs = data.select_columns(columns_of(column, id_column)).to_numpy_refs()
@@ -400,7 +400,7 @@ def predict(
     data: Any,
     n_samples: int | str = 50,
     *,
-    output: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
     task: str = "classification",
     from_logits: bool = True,
     seed: int | None = None,
@@ -424,7 +424,7 @@ def predict(
     noise_var: Any = None,
     heteroscedastic: bool = False,
     **sample_options: Any,
-) -> RunSummary:
+) -> RunSummary | Any:
     """:func:`mcu.predict` over a pool on a Ray cluster; per-example metrics written to a Parquet directory.
 
     The result equals ``mcu.predict(model, x, n_samples, seed=seed, batch_size=batch_size, strategy=strategy,
@@ -443,7 +443,9 @@ def predict(
             ``min(N, 4096)``); batch ``c`` is examples ``[c·b, (c+1)·b)`` with the seed of batch ``c``. The
             ``workers`` sample option (threads of the ``"parallel"`` strategy) defaults to the threads of one
             actor, not to the machine's CPU count.
-        output: a directory (local or URI) for the Parquet files; must be new or empty unless ``overwrite``.
+        output: a directory for the Parquet files (a URI such as ``s3://bucket/scores`` or a shared file system
+            on a multi-node cluster); must be new or empty unless ``overwrite``. ``None``: gather the results
+            on the driver instead and return them as a :class:`mcu.Prediction`, as :func:`mcu.predict` does.
         column: the input column: one column of fixed-shape arrays (lists, fixed-size lists, Ray tensors) or a
             list of scalar columns. Default: the only column that is not ``id_column``.
         shape: the per-example input shape, to reshape flattened features (e.g. ``(1, 28, 28)``).
@@ -462,7 +464,8 @@ def predict(
             ``memory``, ``label_selector``, or, deprecated in Ray 2.60, ``max_restarts``/``max_task_retries``).
 
     Returns:
-        A :class:`RunSummary`; ``summary.read()`` loads the result as a :class:`mcu.Prediction`.
+        With ``output``, a :class:`RunSummary` (``summary.read()`` loads the result as a
+        :class:`mcu.Prediction`); without, the :class:`mcu.Prediction` in pool order.
 
     Shape:
         data: ``(N, ...)`` -> N Parquet rows: ``index``, [``id``], per-example metrics (``(C,)`` lists for
@@ -481,7 +484,7 @@ def predict(
     check_choice(strategy, "strategy", ["auto", *STRATEGIES])
     _check_cluster_args(num_workers, cpus_per_worker, gpus_per_worker, chunks_per_task, sample_options)
     source = ModelSource.resolve(model, factory)
-    target, clear_output = _check_output(output, overwrite)
+    target, clear_output = _check_output(output, overwrite) if output is not None else (None, lambda: None)
     if preflight:
         _preflight(source, sample_options.get("backend"))
     start = time.perf_counter()
@@ -504,7 +507,13 @@ def predict(
     descriptors = _descriptors(n, batch, chunks_per_task, num_workers)
     clear_output()
     with _ray_errors(progress):
-        _run(descriptors, job, num_workers, cpus_per_worker, gpus_per_worker, ray_remote_args).write_parquet(target)
+        results = _run(descriptors, job, num_workers, cpus_per_worker, gpus_per_worker, ray_remote_args)
+        if target is None:
+            import pyarrow as pa
+
+            tables = list(results.iter_batches(batch_size=None, batch_format="pyarrow"))
+            return prediction_from_table(pa.concat_tables(tables), "the results of the Ray run")
+        results.write_parquet(target)
     return RunSummary(
         output=target, n_items=n, n_batches=-(-n // batch), n_tasks=len(descriptors), batch_size=batch,
         num_workers=num_workers, cpus_per_worker=cpus_per_worker, threads_per_worker=threads, strategy=strategy,

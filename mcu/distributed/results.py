@@ -18,7 +18,7 @@ import numpy as np
 
 from mcu.errors import InputError, MCUError
 
-__all__ = ["read_prediction", "to_table"]
+__all__ = ["prediction_from_table", "read_prediction", "to_table"]
 
 _RESERVED = ("index", "id", "label")
 
@@ -73,22 +73,27 @@ def read_prediction(path: str | os.PathLike[str]) -> Any:
     """
     import pyarrow.dataset as ds
 
-    from mcu.core.predict import Prediction
-
     text = os.fspath(path)
     try:
         table = ds.dataset(text, format="parquet").to_table()
     except (FileNotFoundError, OSError) as exc:
         raise InputError(f"path: cannot read Parquet results from {text!r} ({exc}).") from exc
+    return prediction_from_table(table, repr(text))
+
+
+def prediction_from_table(table: Any, where: str) -> Any:
+    """A :class:`mcu.Prediction` from result rows in any order; checks every index appears exactly once."""
+    from mcu.core.predict import Prediction
+
     if "index" not in table.column_names:
-        raise InputError(f"path: {text!r} has no 'index' column; expected the output of mcu.distributed.predict.")
+        raise InputError(f"path: {where} has no 'index' column; expected the output of mcu.distributed.predict.")
     index = table.column("index").to_numpy()
     order = np.argsort(index, kind="stable")
     index = index[order]
     if len(index) and (index[0] != 0 or index[-1] != len(index) - 1 or (np.diff(index) != 1).any()):
         unique = np.unique(index)
         raise MCUError(
-            f"path: {text!r} is not a complete result: {len(index)} rows, {len(index) - len(unique)} duplicate "
+            f"path: {where} is not a complete result: {len(index)} rows, {len(index) - len(unique)} duplicate "
             f"index(es), {int(unique[-1]) + 1 - len(unique)} missing below {int(unique[-1])}. Was it written by "
             "two runs into the same directory?"
         )
@@ -98,7 +103,7 @@ def read_prediction(path: str | os.PathLike[str]) -> Any:
     elif "predictive_mean" in table.column_names:
         task = "regression"
     else:
-        raise InputError(f"path: {text!r} holds neither mean_probabilities nor predictive_mean.")
+        raise InputError(f"path: {where} holds neither mean_probabilities nor predictive_mean.")
     values = {name: _column_to_numpy(table, name) for name in table.column_names if name not in _RESERVED}
     prediction = Prediction(task, values)
     if "id" in table.column_names:
