@@ -532,9 +532,13 @@ def precision_clone(model: Any, policy: str = "mixed_bfloat16", sync: bool = Tru
         clones = _BF16.get(model)
         if clones is not None and policy in clones:
             clone = clones[policy]
-            if clone is not None and sync:
+            if clone is None or not sync:
+                return clone
+            try:
                 _copy_weights(model, clone)
-            return clone
+                return clone
+            except ValueError:  # the model's weights changed shape or number: rebuild the copy
+                del clones[policy]
         try:
             clone = _clone_with_policy(model, policy)
         except Exception:  # noqa: BLE001 - a model that cannot be cloned simply has no low-precision copy

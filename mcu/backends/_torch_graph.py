@@ -87,14 +87,14 @@ def fast_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Gene
     sample's randomness depends only on its own generator, never on how samples were grouped into passes.
     ``generators=None`` means dropout inactive (identity), used to validate a split.
     """
+    kind = type(module)
+    rank = _CHANNEL_RANK.get(kind)
+    if rank is not None and x.dim() != rank:  # checked first, so that validating a split catches it
+        raise _Unsupported(f"{kind.__name__} on a {x.dim()}-D input")
     if generators is None or module.p == 0.0:
         return x
     if module.p == 1.0:
         return x * 0.0
-    kind = type(module)
-    rank = _CHANNEL_RANK.get(kind)
-    if rank is not None and x.dim() != rank:
-        raise _Unsupported(f"{kind.__name__} on a {x.dim()}-D input")
     rows = x.shape[0] // len(generators)
     mask_shape = (rows,) + (tuple(x.shape[1:]) if rank is None else (x.shape[1],) + (1,) * (x.dim() - 2))
     keep = 1.0 - module.p
@@ -218,6 +218,15 @@ def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x:
     for copy in (out[:n], out[n:]):
         if not torch.allclose(copy.float(), reference.float(), rtol=1e-4, atol=1e-5):
             raise _Unsupported("the split graph does not reproduce the model's output for stacked copies")
+
+
+def still_valid(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor) -> bool:
+    """Whether a cached split still reproduces the model (attributes the trace baked in may have changed)."""
+    try:
+        _validate(split, model, dropouts, x[: min(int(x.shape[0]), 2)])
+    except Exception:  # noqa: BLE001 - any failure means: rebuild
+        return False
+    return True
 
 
 def split_model(model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor,

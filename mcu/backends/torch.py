@@ -149,9 +149,14 @@ class TorchBackend:
         structure = tuple(id(m) for m in model.modules())
         key = (structure, tuple(x.shape[1:]), x.dtype)
         cache = self._splits.setdefault(model, {})
-        if key not in cache:
-            cache.clear()  # a changed structure or input shape invalidates older splits
-            cache[key] = _torch_graph.split_model(model, self.dropout_layers(model), x, self.dropout_types)
+        dropouts = self.dropout_layers(model)
+        if key in cache and cache[key][0] is not None:
+            # the trace baked plain attributes in as constants: re-check it against the model (a few rows)
+            if _torch_graph.still_valid(cache[key][0], model, dropouts, x):
+                return cache[key]
+        if key not in cache or cache[key][0] is not None:
+            cache.clear()  # a changed structure, input shape or attribute invalidates older splits
+            cache[key] = _torch_graph.split_model(model, dropouts, x, self.dropout_types)
         return cache[key]
 
     def generators(self, model: torch.nn.Module, seeds: list[int]) -> list[torch.Generator]:

@@ -111,6 +111,8 @@ def _check_auto(n_samples: Any, tol: Any, max_samples: Any, score: str | None, t
         check_int(max_samples, "max_samples", minimum=2)
     else:
         check_int(n_samples, "n_samples", minimum=1)
+        if tol is not None:
+            raise InputError(f"tol: only used with n_samples='auto', got tol={tol!r} with n_samples={n_samples!r}.")
     score = score or _SCORES[task][0]
     check_choice(score, "score", _SCORES[task])
     return score

@@ -151,7 +151,7 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
     if n_samples == 1:
         return (PrefixStrategy(), f"one sample; split: {why}") if plan.split else (LoopStrategy(), "one sample")
     key = (tuple(plan.x.shape), str(plan.x.dtype), plan.chunk_size, plan.max_memory, min(n_samples, _COPIES[-1]),
-           plan.precision, plan.seeded)
+           plan.precision, plan.seeded, plan.split is not None, getattr(plan.split, "native_rng", None))
     cache = _cache.setdefault(plan.model, {})
     if key not in cache:
         seeds, plan.seeds = plan.seeds, np.random.SeedSequence(0)  # the probe must not advance the user's stream

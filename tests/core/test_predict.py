@@ -83,3 +83,8 @@ def test_predict_errors(models, rng, kwargs, match):
 def test_interval_on_classification_is_refused(models, rng):
     with pytest.raises(ValueError, match="interval"):
         mcu.predict(models.mlp(), models.vector(rng, 2), 3).interval(0.9)
+
+
+def test_tol_without_auto_sample_count_is_refused(models, rng):
+    with pytest.raises(ValueError, match="tol: only used with n_samples='auto'"):
+        mcu.predict(models.mlp(), models.vector(rng, 2), 10, tol=1e-3)

@@ -165,3 +165,39 @@ def test_fp16_on_a_cpu_without_native_support_warns():
         pytest.skip("this CPU has native fp16")
     with pytest.warns(RuntimeWarning, match="no native float16"):
         mcu.sample(_models.zoo("torch").mlp(), np.ones((2, 784), np.float32), 2, precision="fp16", strategy="loop")
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.d, self.scale = nn.Linear(4, 4), nn.Dropout(0.5), 1.0
+
+    def forward(self, x):
+        return self.d(self.l(x)) * self.scale
+
+
+def test_a_changed_plain_attribute_invalidates_the_cached_split():
+    """torch.fx bakes plain attributes in as constants; the cached split must notice they changed."""
+    model, x = Scaled(), np.ones((3, 4), np.float32)
+    before = mcu.sample(model, x, 50, strategy="prefix", seed=0)
+    model.scale = 100.0
+    after = mcu.sample(model, x, 50, strategy="prefix", seed=0)
+    np.testing.assert_allclose(after, 100.0 * before, rtol=1e-5)
+
+
+def test_a_model_that_stops_being_splittable_does_not_reuse_a_split_choice():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    x = np.ones((3, 4), np.float32)
+    mcu.sample(model, x, 20, seed=0)
+    model[2] = DataDependent()  # untraceable from now on (and 8 -> 4 features)
+    model[2].fc = nn.Linear(8, 4)
+    out, info = mcu.sample(model, x, 20, seed=0, return_info=True)
+    assert out.shape == (20, 3, 4) and "no split" in info.strategy_reason
+
+
+def test_channel_dropout_on_the_wrong_rank_falls_back_instead_of_failing():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Dropout2d(0.5), nn.Flatten(), nn.Linear(4 * 6, 2))
+    x = np.ones((3, 2, 8), np.float32)
+    with pytest.warns(UserWarning):  # torch's own warning about Dropout2d on 3-D input
+        out, info = mcu.sample(model, x, 6, strategy="prefix", seed=0, return_info=True)
+    assert out.shape == (6, 3, 2) and info.strategy == "vectorized"
