@@ -45,6 +45,7 @@ from mcu.core.sampling import check_choice, check_int, sample
 from mcu.distributed.loading import ModelSource, describe, load_model
 from mcu.distributed.results import prediction_from_table, read_prediction, to_table
 from mcu.distributed.sources import (
+    filesystem_and_path,
     Pool,
     PoolReader,
     _default_column,
@@ -365,10 +366,7 @@ def _check_output(output: Any, overwrite: bool) -> tuple[str, Callable[[], None]
             f"output: expected a directory path or URI for the Parquet files, got {type(output).__qualname__}."
         )
     text = os.fspath(output)
-    if "://" in text:
-        filesystem, path = pafs.FileSystem.from_uri(text)
-    else:
-        filesystem, path = pafs.LocalFileSystem(), os.path.abspath(text)
+    filesystem, path = filesystem_and_path(text)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise InputError(f"output: {text!r} is a file; expected a directory (new, empty, or with overwrite=True).")

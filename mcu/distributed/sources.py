@@ -144,6 +144,15 @@ def columns_of(column: str | list[str], id_column: str | None) -> list[str]:
     return names + ([id_column] if id_column is not None and id_column not in names else [])
 
 
+def filesystem_and_path(text: str) -> tuple[Any, str]:
+    """A pyarrow filesystem and path for a URI (``s3://...``) or a local path (made absolute)."""
+    from pyarrow import fs as pafs
+
+    if "://" in text:
+        return pafs.FileSystem.from_uri(text)
+    return pafs.LocalFileSystem(), os.path.abspath(text)
+
+
 def list_parquet(paths: Any) -> list[tuple[Any, str]]:
     """``(filesystem, path)`` of every Parquet file under ``paths`` (files or directories, local or URIs), sorted."""
     from pyarrow import fs as pafs
@@ -152,10 +161,7 @@ def list_parquet(paths: Any) -> list[tuple[Any, str]]:
     found: list[tuple[Any, str]] = []
     for item in items:
         text = os.fspath(item)
-        if "://" in text:
-            filesystem, path = pafs.FileSystem.from_uri(text)
-        else:
-            filesystem, path = pafs.LocalFileSystem(), os.path.abspath(text)
+        filesystem, path = filesystem_and_path(text)
         info = filesystem.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"data: Parquet path {text!r} does not exist.")
