@@ -60,11 +60,11 @@ def _explicit(plan: Plan, requested: str) -> tuple[Any, str]:
     return STRATEGIES[requested], f"requested; split: {why}"
 
 
-def _budget(plan: Plan) -> int:
+def _budget(plan: Plan, full_pass_bytes: int | None) -> int:
+    """Bytes the copies may take: ``max_memory``, else about one full pass's activations (>= MIN_BUDGET)."""
     if plan.max_memory is not None:
         return plan.max_memory
-    full = plan.backend.activation_bytes(lambda: plan.backend.forward(plan.model, plan.x))
-    return max(MIN_BUDGET, full or 0)
+    return max(MIN_BUDGET, full_pass_bytes or 0)
 
 
 def _max_copies(plan: Plan, budget: int, per_copy: int | None, n_samples: int) -> int:
@@ -87,9 +87,9 @@ def _time_per_sample(strategy: Any, plan: Plan, copies: int) -> float:
 
 
 def _probe(plan: Plan, n_samples: int) -> tuple[Any, int, str]:
-    budget = _budget(plan)
     backend = plan.backend
     per_copy_full = backend.activation_bytes(lambda: backend.forward(plan.model, plan.x))
+    budget = _budget(plan, per_copy_full)
     # A seeded call only compares configurations that return the same samples (per-sample generators).
     families: list[tuple[Any, int]] = [] if plan.seeded else [
         (VectorizedStrategy(), _max_copies(plan, budget, per_copy_full, n_samples))]
