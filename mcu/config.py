@@ -87,12 +87,23 @@ def use_backend(name: str) -> Iterator[str]:
         _context_choice.reset(token)
 
 
+_parsed: dict[Path, tuple[tuple[int, int], dict]] = {}
+
+
 def _read_toml(path: Path) -> dict:
+    """The parsed file, re-read only when its modification time or size changed (this runs on every call)."""
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _parsed.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: not valid TOML ({exc}); fix the file or remove it.") from exc
+    _parsed[path] = (stamp, data)
+    return data
 
 
 def _file_choice(cwd: Path) -> Choice | None:

@@ -14,92 +14,175 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Sequence
 
 import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["TorchSplit", "bernoulli_mask", "fast_dropout", "split_model"]
+__all__ = ["TorchSplit", "bernoulli_mask", "bernoulli_masks", "fast_dropout", "repeat_rows", "split_model"]
 
 _FAST = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _CHANNEL_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
 _WORD = 1 << 32
+_EXPANSION = 104  # bits of keep's binary expansion: 8 + 3 x 32
 
 
-def _random_words(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """``n`` independent uniform 32-bit words (as int64 in [0, 2**32)). randint over exactly 2**32 values is
-    unbiased (torch reduces a 64-bit draw modulo a power of two)."""
-    words = torch.randint(-(1 << 31), 1 << 31, (n,), generator=generator, dtype=torch.int32, device=device)
-    return words.to(torch.int64) + (1 << 31)
+def _keep_bits(keep: float) -> tuple[int, int]:
+    """``(b, q)`` with ``keep == q / 2**b`` for the smallest ``b`` in 1, 2, 4, 8 (dyadic keep rates: 0.5, 0.75,
+    0.9375, any multiple of 1/256); otherwise ``(0, q)`` with ``q`` the first 104 bits of ``keep``'s expansion."""
+    q = int(Fraction(keep) * (1 << _EXPANSION))
+    for b in (1, 2, 4, 8):
+        if q % (1 << (_EXPANSION - b)) == 0:
+            return b, q >> (_EXPANSION - b)
+    return 0, q
 
 
-def _uniform_words(n: int, bits: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """``n`` independent uniform words of 8 bits (uint8) or 16 bits (int16, i.e. offset by -2**15).
+def _draw_rows(generators: Sequence[torch.Generator | None], draws: int, device: torch.device) -> torch.Tensor:
+    """``(k, draws)`` int64 words uniform on [0, 2**63), row ``j`` from ``generators[j]`` (one call per row:
+    ``random_`` on int64 is a 64-bit draw modulo 2**63; the cost is per drawn word, so packing many mask bits
+    into each word is what makes masks cheap)."""
+    rows = torch.empty((len(generators), draws), dtype=torch.int64, device=device)
+    for row, generator in zip(rows, generators):
+        row.random_(generator=generator)
+    return rows
 
-    Drawn as 63-bit integers (``random_`` on int64 is uniform on [0, 2**63): a 64-bit draw modulo a power of
-    two) of which the low 56 bits (7 bytes) or 48 bits (3 words) are used; the cost is per drawn integer, so
-    packing several words into each draw is what makes this cheap. Returned flat, possibly a strided view.
+
+def _bytes(words: torch.Tensor) -> torch.Tensor:
+    """The low 7 bytes (56 uniform bits) of each 63-bit word: ``(k, w)`` int64 -> ``(k, 7 w)`` uint8."""
+    k, w = words.shape
+    return words.view(torch.uint8).view(k, w, 8)[:, :, :7].reshape(k, 7 * w)
+
+
+def bernoulli_masks(shape: tuple[int, ...], keep: float, generators: Sequence[torch.Generator | None],
+                    device: torch.device) -> torch.Tensor:
+    """``(k, *shape)`` uint8 masks of independent Bernoulli(``keep``) draws, mask ``j`` from ``generators[j]``.
+
+    Exact for ``keep`` as a float64. Dyadic rates ``keep = q / 2**b`` (b = 1, 2, 4 or 8) compare ``b``-bit
+    fields of random bytes with ``q``: one random bit per element for ``keep = 0.5``. Other rates compare a
+    random byte with the first 8 bits of ``keep``'s binary expansion; the ~1/256 of elements that tie draw
+    32-bit words compared with the next bits (words reserved per mask in the same draw; rare overflows and
+    second ties draw more from the mask's own generator). The expansion has 104 bits, which represents every
+    float64 ``keep >= 2**-52`` exactly; below that the error is under 2**-104.
     """
-    per, dtype, width = (7, torch.uint8, 8) if bits == 8 else (3, torch.int16, 4)
-    rows = -(-n // per)
-    raw = torch.empty(rows, dtype=torch.int64, device=device).random_(generator=generator)
-    return raw.view(dtype).view(rows, width)[:, :per]
+    k, n = len(generators), math.prod(shape)
+    if not 0.0 < keep < 1.0:
+        return torch.full((k,) + tuple(shape), int(keep >= 1.0), dtype=torch.uint8, device=device)
+    b, q = _keep_bits(keep)
+    if b:
+        per_byte = 8 // b
+        n_bytes = -(-n // per_byte)
+        raw = _bytes(_draw_rows(generators, -(-n_bytes // 7), device))[:, :n_bytes]
+        if b == 8:
+            mask = torch.lt(raw, q, out=torch.empty((k, n_bytes), dtype=torch.uint8, device=device))
+        else:  # b-bit fields: plane s holds bits [s*b, (s+1)*b) of every byte (any fixed layout is exact)
+            planes = torch.empty((k, per_byte, n_bytes), dtype=torch.uint8, device=device)
+            for s in range(per_byte):
+                torch.bitwise_right_shift(raw, s * b, out=planes[:, s])
+            planes &= (1 << b) - 1
+            if b == 1:
+                mask = planes  # keep = 1/2: the bit itself (P(bit = 1) = 1/2)
+            else:
+                mask = torch.lt(planes, q, out=planes)
+        mask = mask.view(k, -1)
+        return (mask if mask.shape[1] == n else mask[:, :n].contiguous()).view((k,) + tuple(shape))
+    first, rest = q >> 96, [(q >> shift) & (_WORD - 1) for shift in (64, 32, 0)]
+    draws = -(-n // 7)
+    words = _draw_rows(generators, draws + _reserve(n), device)
+    raw = _bytes(words[:, :draws])[:, :n]
+    mask = torch.lt(raw, first, out=torch.empty((k, n), dtype=torch.uint8, device=device))
+    tie = torch.eq(raw, first, out=torch.empty((k, n), dtype=torch.uint8, device=device))
+    flat = _nonzero(tie.view(-1))
+    if flat.numel():
+        _resolve_ties(mask.view(-1), flat, n, words[:, draws:] & (_WORD - 1), rest, generators, device)
+    return mask.view((k,) + tuple(shape))
+
+
+def _reserve(n: int) -> int:
+    """32-bit words reserved per mask of ``n`` elements for resolving ties (expected ``n / 256``; running out
+    is rare and only costs extra draws)."""
+    expected = n / 256
+    return int(expected + 6 * math.sqrt(expected) + 8)
+
+
+def _nonzero(flags: torch.Tensor) -> torch.Tensor:
+    """Sorted indices of the nonzero bytes of a flat uint8 tensor; whole 8-byte words are screened first
+    (ties are rare, and scanning words is ~8x cheaper than scanning bytes)."""
+    m = flags.numel()
+    if m % 8 or m < 4096:
+        return flags.nonzero().squeeze(1)
+    hit = flags.view(torch.int64).nonzero().squeeze(1)
+    if hit.numel() == 0:
+        return hit
+    sub = flags.view(-1, 8)[hit].nonzero()
+    return hit[sub[:, 0]] * 8 + sub[:, 1]
+
+
+def _resolve_ties(mask: torch.Tensor, flat: torch.Tensor, n: int, reserve: torch.Tensor, rest: list[int],
+                  generators: Sequence[torch.Generator | None], device: torch.device) -> None:
+    """Elements whose byte equalled keep's first byte: compare 32-bit words with the next 32-bit parts of the
+    expansion (reserved words in order, per mask; a second tie or an exhausted reserve draws from the mask's
+    own generator, in element order, so the result depends only on that generator)."""
+    sample = flat // n
+    counts = torch.bincount(sample, minlength=reserve.shape[0])
+    rank = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[sample]
+    inside = rank < reserve.shape[1]
+    words = reserve[sample[inside], rank[inside]]
+    positions = flat[inside]
+    mask[positions[words < rest[0]]] = 1
+    later = [(int(p), 1) for p in positions[words == rest[0]].tolist()]
+    later += [(int(p), 0) for p in flat[~inside].tolist()]
+    for position, stage in sorted(later):
+        generator = generators[position // n]
+        for threshold in rest[stage:]:
+            # randint over exactly 2**32 values: a 64-bit draw modulo a power of two, unbiased
+            word = int(torch.randint(0, _WORD, (1,), generator=generator, dtype=torch.int64, device=device))
+            if word != threshold:
+                mask[position] = int(word < threshold)
+                break
+        # a tie on every part: the draw equals keep's expansion, so U >= keep: dropped (mask stays 0)
 
 
 def bernoulli_mask(shape: tuple[int, ...], keep: float, generator: torch.Generator | None,
                    device: torch.device) -> torch.Tensor:
-    """A uint8 mask of independent Bernoulli(``keep``) draws, exact for ``keep`` as a float64.
-
-    Compares one uniform word per element with the leading bits of ``keep``'s binary expansion: 8-bit words
-    when ``keep`` is a multiple of 1/256 (0.5, 0.75, 0.9375, ...: a tie then means the draw equals ``keep``
-    and is dropped, so the comparison is exact), otherwise 16-bit words, and only the ~1/65536 ties draw more
-    bits (two 32-bit words). ``keep`` is expanded to 80 bits, which represents every float64 in [2**-27, 1]
-    exactly; below that the error is under 2**-80.
-    """
-    n = math.prod(shape)
-    q = int(Fraction(keep) * (1 << 80))
-    if q % (1 << 72) == 0:
-        words = _uniform_words(n, 8, generator, device)
-        return (words < (q >> 72)).reshape(-1)[:n].view(torch.uint8).view(shape)
-    top, mid, low = q >> 64, (q >> 32) & (_WORD - 1), q & (_WORD - 1)
-    first = _uniform_words(n, 16, generator, device)  # uniform over [-2**15, 2**15): shift the threshold
-    mask = (first < top - (1 << 15)).reshape(-1)[:n].view(torch.uint8)
-    if mid == 0 and low == 0:
-        return mask.view(shape)  # a tie equals keep's expansion exactly: U >= keep, dropped
-    ties = (first == top - (1 << 15)).reshape(-1)[:n]
-    if not bool(ties.any()):
-        return mask.view(shape)
-    ties = ties.nonzero().squeeze(1)
-    for threshold in (mid, low):
-        words = _random_words(ties.numel(), generator, device)
-        mask[ties[words < threshold]] = 1
-        ties = ties[words == threshold]
-        if ties.numel() == 0:
-            break
-    return mask.view(shape)  # remaining ties: the draw equals keep's expansion, so U >= keep: dropped
+    """One mask of :func:`bernoulli_masks` (``generator=None``: torch's default generator)."""
+    return bernoulli_masks(shape, keep, [generator], device)[0]
 
 
-def fast_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """``module(x)`` in training mode, with masks from :func:`bernoulli_mask`; same distribution.
+def fast_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Generator] | None, copies: int,
+                 broadcast: bool = False) -> torch.Tensor:
+    """``module(x)`` in training mode on ``copies`` stacked copies, with masks from :func:`bernoulli_masks`.
 
-    ``x`` holds ``k = len(generators)`` stacked copies; copy ``j``'s mask comes from ``generators[j]``, so a
-    sample's randomness depends only on its own generator, never on how samples were grouped into passes.
-    ``generators=None`` means dropout inactive (identity), used to validate a split.
+    ``x`` holds the ``copies`` stacked copies, or, with ``broadcast=True``, a single copy (a frontier value
+    whose only consumers are dropouts): the masks then broadcast against it, so the stacked input is never
+    materialised, and the ``1/keep`` scale is applied to the single copy before the masks (the same values
+    as scaling after: ``x * s * 1 == x * 1 * s``, and zeros keep their sign). Copy ``j``'s mask comes from
+    ``generators[j]``, so a sample's randomness depends only on its own generator, never on how samples were
+    grouped into passes. ``generators=None`` means dropout inactive (identity), used to validate a split.
     """
     kind = type(module)
     rank = _CHANNEL_RANK.get(kind)
     if rank is not None and x.dim() != rank:  # checked first, so that validating a split catches it
         raise _Unsupported(f"{kind.__name__} on a {x.dim()}-D input")
-    if generators is None or module.p == 0.0:
-        return x
-    if module.p == 1.0:
-        return x * 0.0
-    rows = x.shape[0] // len(generators)
-    mask_shape = (rows,) + (tuple(x.shape[1:]) if rank is None else (x.shape[1],) + (1,) * (x.dim() - 2))
+    if generators is None or module.p == 0.0 or module.p == 1.0:
+        out = x if generators is None or module.p == 0.0 else x * 0.0
+        return repeat_rows(out, copies) if broadcast else out
+    rows = x.shape[0] if broadcast else x.shape[0] // copies
+    per_row = tuple(x.shape[1:]) if rank is None else (x.shape[1],) + (1,) * (x.dim() - 2)
     keep = 1.0 - module.p
-    masks = [bernoulli_mask(mask_shape, keep, g, x.device) for g in generators]
-    mask = masks[0] if len(masks) == 1 else torch.cat(masks)
-    return x.mul(mask).mul_(1.0 / keep)  # uint8 mask promotes to x's dtype; one new tensor
+    mask = bernoulli_masks((rows,) + per_row, keep, generators, x.device)  # (copies, rows, *per_row) uint8
+    if broadcast:
+        return torch.mul(x.mul(1.0 / keep).unsqueeze(0), mask).flatten(0, 1)
+    return x.mul(mask.flatten(0, 1)).mul_(1.0 / keep)  # uint8 mask promotes to x's dtype; one new tensor
+
+
+def repeat_rows(x: torch.Tensor, copies: int) -> torch.Tensor:
+    """``copies`` stacked copies of ``x`` along the batch axis, keeping a channels-last layout."""
+    out = x.repeat(copies, *([1] * (x.dim() - 1)))
+    for layout, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == dim and x.is_contiguous(memory_format=layout) and not x.is_contiguous():
+            return out.contiguous(memory_format=layout)
+    return out
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -114,15 +197,18 @@ class _Unsupported(Exception):
     pass
 
 
-def _native_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Generator] | None) -> torch.Tensor:
+def _native_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Generator] | None,
+                    copies: int) -> torch.Tensor:
     """Dropout kinds without a fast path (AlphaDropout, FeatureAlphaDropout) run natively (global RNG)."""
     return x if generators is None else module(x)
 
 
 @dataclass
 class TorchSplit:
-    """A validated prefix/suffix pair. ``suffix(frontier, generators)``: one generator per stacked copy;
-    ``None`` disables dropout."""
+    """A validated prefix/suffix pair. ``suffix(frontier, generators)`` takes the frontier of the ``N`` examples
+    (not repeated: ``repeats_frontier``) and one generator per copy; ``generators=None`` disables dropout."""
+
+    repeats_frontier = True  # the suffix stacks the copies itself (broadcasting into dropouts where it can)
 
     prefix_module: torch.fx.GraphModule
     suffix_module: torch.fx.GraphModule
@@ -135,9 +221,14 @@ class TorchSplit:
         memory layout oneDNN convolutions and pooling run fastest on (measured ~2x on this project's CPU)."""
         return [_channels_last(t) for t in self.prefix_module(x)]
 
-    def suffix(self, frontier: list[torch.Tensor], generators: list[torch.Generator] | None) -> torch.Tensor:
+    def suffix(self, frontier: list[torch.Tensor], generators: list[torch.Generator] | None,
+               copies: int | None = None) -> torch.Tensor:
+        """``len(generators)`` samples (or ``copies`` inactive copies) stacked along the batch axis."""
+        copies = len(generators) if generators is not None else copies
+        if copies is None:
+            raise ValueError("suffix: give generators or copies")
         with torch.no_grad():  # also in worker threads, where grad mode is not inherited
-            return self.suffix_module(*frontier, generators)
+            return self.suffix_module(*frontier, generators, copies)
 
     @property
     def description(self) -> str:
@@ -179,17 +270,30 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...]) -> TorchSplit:
     suffix = torch.fx.Graph()
     env2: dict[torch.fx.Node, torch.fx.Node] = {n: suffix.placeholder(f"frontier_{i}") for i, n in enumerate(frontier)}
     generator = suffix.placeholder("generators")
+    copies = suffix.placeholder("copies")
+
+    def is_fast(node: torch.fx.Node) -> bool:
+        return is_dropout(node) and type(modules[node.target]) in _FAST
+
+    # A frontier value read only by fast dropouts is broadcast into their masks; other readers get k copies.
+    single = {f: env2[f] for f in frontier}
+    for f in frontier:
+        if any(not (is_fast(u) and u.args[0] is f) for u in f.users if u in stochastic):
+            env2[f] = suffix.call_function(repeat_rows, (single[f], copies))
     native = False
     for node in graph.nodes:
-        if node in env2 or (node not in stochastic and node in batched):
+        if node in single or (node not in stochastic and node in batched):
             continue
         if is_dropout(node):
             module = suffix.get_attr(node.target)
-            fast = type(modules[node.target]) in _FAST
-            native = native or not fast
-            env2[node] = suffix.call_function(
-                fast_dropout if fast else _native_dropout, (env2[node.args[0]], module, generator)
-            )
+            source = node.args[0]
+            if is_fast(node):
+                broadcast = source in single
+                args = (single[source] if broadcast else env2[source], module, generator, copies, broadcast)
+                env2[node] = suffix.call_function(fast_dropout, args)
+            else:
+                native = True
+                env2[node] = suffix.call_function(_native_dropout, (env2[source], module, generator, copies))
         else:
             env2[node] = suffix.node_copy(node, lambda n: env2[n])
     n_pre = sum(1 for n in graph.nodes if n not in stochastic and n.op not in ("placeholder", "output"))
@@ -207,7 +311,7 @@ def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x:
             m.training = False
         reference = model(x)
         frontier = split.prefix(x)
-        out = split.suffix([f.repeat(2, *([1] * (f.dim() - 1))) for f in frontier], None)
+        out = split.suffix(frontier, None, copies=2)
     finally:
         for m, flag in zip(dropouts, flags):
             m.training = flag

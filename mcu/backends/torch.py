@@ -192,12 +192,7 @@ class TorchBackend:
         return t.numel() * t.element_size()
 
     def repeat(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        out = x.repeat(n, *([1] * (x.dim() - 1)))
-        for layout in (torch.channels_last, torch.channels_last_3d):  # keep a channels-last layout
-            if x.dim() == (4 if layout is torch.channels_last else 5) and x.is_contiguous(memory_format=layout) \
-                    and not x.is_contiguous():
-                return out.contiguous(memory_format=layout)
-        return out
+        return _torch_graph.repeat_rows(x, n)
 
     def to_numpy(self, t: torch.Tensor) -> np.ndarray:
         t = t.detach()

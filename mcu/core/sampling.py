@@ -14,6 +14,7 @@ from mcu.backends.base import MODES, PRECISIONS
 from mcu.errors import InputError
 from mcu.strategies import STRATEGIES, Plan
 from mcu.strategies.auto import prepare
+from mcu.strategies.base import SeedStream
 
 __all__ = ["SampleInfo", "SamplingSession", "sample"]
 
@@ -89,7 +90,7 @@ class SamplingSession:
         if len(tensor.shape) == 0 or int(tensor.shape[0]) == 0:
             raise InputError(f"x: expected a batch with at least one example (N >= 1), got shape {tuple(tensor.shape)}.")
         self.plan = Plan(backend=impl, model=model, x=tensor, chunk_size=chunk_size, max_memory=max_memory,
-                         precision=precision, seeds=np.random.SeedSequence(seed), workers=workers,
+                         precision=precision, seeds=SeedStream(seed), workers=workers,
                          seeded=seed is not None)
         self._requested, self._mode, self._hint = strategy, mode, n_samples_hint
         self.info = SampleInfo(impl.name, choice.reason, strategy, "", chunk_size, precision, mode)

@@ -19,11 +19,9 @@ import time
 import weakref
 from typing import Any
 
-import numpy as np
-
 from mcu.errors import InputError
 from mcu.strategies import STRATEGIES
-from mcu.strategies.base import Plan
+from mcu.strategies.base import Plan, SeedStream
 from mcu.strategies.loop import LoopStrategy
 from mcu.strategies.parallel import ParallelStrategy
 from mcu.strategies.prefix import PrefixStrategy
@@ -154,7 +152,7 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
            plan.precision, plan.seeded, plan.split is not None, getattr(plan.split, "native_rng", None))
     cache = _cache.setdefault(plan.model, {})
     if key not in cache:
-        seeds, plan.seeds = plan.seeds, np.random.SeedSequence(0)  # the probe must not advance the user's stream
+        seeds, plan.seeds = plan.seeds, SeedStream(0)  # the probe must not advance the user's stream
         try:
             with plan.backend.seeded(plan.model, 0):
                 cache[key] = _probe(plan, n_samples)

@@ -7,7 +7,34 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-__all__ = ["Plan", "Strategy"]
+__all__ = ["Plan", "SeedStream", "Strategy"]
+
+
+class SeedStream:
+    """Per-sample seeds of a session: sample ``i`` (counted across calls) gets ``mix((base + i) mod 2**32)``.
+
+    ``base`` comes from ``np.random.SeedSequence(seed)`` (fresh entropy without a seed). The seeds are 32-bit
+    because that is all a torch CPU generator keeps of its seed (``manual_seed(s)`` and ``manual_seed(s + 2**32)``
+    give the same stream); ``mix`` is a bijection of 32-bit words (a multiply-xorshift hash), so the first
+    2**32 samples of a session get *distinct* seeds (random 32-bit seeds would collide: about ``T**2 / 2**33``
+    per call) and neighbouring samples get unrelated-looking seeds. Vectorized: a few microseconds per call.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._base = int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
+        self._next = 0
+
+    def take(self, n: int) -> list[int]:
+        x = (np.arange(n, dtype=np.uint64) + np.uint64(self._base + self._next)) & np.uint64(0xFFFFFFFF)
+        self._next += n
+        x = x.astype(np.uint32)
+        with np.errstate(over="ignore"):  # wrap-around multiplication is the point
+            x ^= x >> np.uint32(16)
+            x *= np.uint32(0x7FEB352D)
+            x ^= x >> np.uint32(15)
+            x *= np.uint32(0x846CA68B)
+            x ^= x >> np.uint32(16)
+        return x.tolist()
 
 
 @dataclass
@@ -20,7 +47,7 @@ class Plan:
     chunk_size: int | None = None  # max rows per forward pass (None: chosen by the strategy / auto)
     max_memory: int | None = None  # bytes the copies may add (None: about one full pass's activations)
     precision: str = "fp32"
-    seeds: np.random.SeedSequence = field(default_factory=np.random.SeedSequence)
+    seeds: SeedStream = field(default_factory=SeedStream)
     split: Any = None  # a validated prefix/suffix split (prefix and parallel strategies)
     copies: int | None = None  # copies of the batch per pass, when auto tuned it
     workers: int | None = None  # threads for the parallel strategy
@@ -37,10 +64,10 @@ class Plan:
         return max(1, (self.chunk_size or max(default_rows, self.n_rows)) // self.n_rows)
 
     def sample_seeds(self, n_samples: int) -> list[int]:
-        """One independent seed per sample, derived from the session seed in sample order (stateful: each
-        call continues the stream). Strategies with per-sample generators therefore give the same samples
-        however they group them into passes or spread them over workers."""
-        return [int(s.generate_state(1, np.uint64)[0] >> 1) for s in self.seeds.spawn(n_samples)]
+        """One seed per sample, derived from the session seed in sample order (stateful: each call continues
+        the stream; see :class:`SeedStream`). Strategies with per-sample generators therefore give the same
+        samples however they group them into passes or spread them over workers."""
+        return self.seeds.take(n_samples)
 
 
 class Strategy(Protocol):

@@ -22,20 +22,28 @@ DEFAULT_ROWS = 512
 
 
 def run_block(plan: Plan, frontier: list[Any], seeds: list[int]) -> np.ndarray:
-    """One block: ``len(seeds)`` samples from the stacked frontier (sliced from a repeated buffer)."""
+    """One block: ``len(seeds)`` samples from the frontier (sliced from a repeated buffer unless the split
+    stacks the copies itself)."""
     n, copies = plan.n_rows, len(seeds)
-    inputs = [f[: copies * n] for f in frontier]
+    inputs = frontier if _repeats_itself(plan) else [f[: copies * n] for f in frontier]
     out = plan.backend.to_numpy(plan.split.suffix(inputs, plan.backend.generators(plan.model, seeds)))
     return out.reshape((copies, n) + out.shape[1:])
 
 
 def plan_blocks(plan: Plan, n_samples: int) -> tuple[list[Any], list[list[int]]]:
-    """The repeated frontier and the per-sample seeds grouped into blocks of at most ``copies``."""
+    """The frontier (repeated for splits that need it) and the per-sample seeds in blocks of at most
+    ``copies``."""
     copies = plan.copies_per_pass(DEFAULT_ROWS)
     seeds = plan.sample_seeds(n_samples)
     blocks = [seeds[i : i + copies] for i in range(0, n_samples, copies)]
-    frontier = [plan.backend.repeat(f, len(blocks[0])) for f in plan.split.prefix(plan.x)]
+    frontier = plan.split.prefix(plan.x)
+    if not _repeats_itself(plan):
+        frontier = [plan.backend.repeat(f, len(blocks[0])) for f in frontier]
     return frontier, blocks
+
+
+def _repeats_itself(plan: Plan) -> bool:
+    return getattr(plan.split, "repeats_frontier", False)
 
 
 class PrefixStrategy:
