@@ -332,6 +332,24 @@ def still_valid(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], 
     return True
 
 
+def attribute_state(model: nn.Module) -> tuple:
+    """The plain attributes of every submodule (not parameters, buffers or submodules): what a ``torch.fx``
+    trace may have baked in as constants. Cheap to compare; a cached split is re-validated when it changes.
+    Objects other than numbers, strings and containers of them are compared by identity."""
+    return tuple((name, key, _plain(value)) for name, module in model.named_modules()
+                 for key, value in vars(module).items() if not key.startswith("_") and key != "training")
+
+
+def _plain(value: object, depth: int = 0) -> object:
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return value
+    if isinstance(value, (tuple, list)) and depth < 3:
+        return (type(value), tuple(_plain(v, depth + 1) for v in value))
+    if isinstance(value, dict) and depth < 3:
+        return (dict, tuple((_plain(k, depth + 1), _plain(v, depth + 1)) for k, v in value.items()))
+    return (type(value), id(value))
+
+
 def split_model(model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor,
                 dropout_types: tuple[type, ...]) -> tuple[TorchSplit | None, str]:
     """Trace and split ``model`` (call inside MC mode). Returns ``(split, why)`` or ``(None, why not)``."""

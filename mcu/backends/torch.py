@@ -150,14 +150,17 @@ class TorchBackend:
         key = (structure, tuple(x.shape[1:]), x.dtype)
         cache = self._splits.setdefault(model, {})
         dropouts = self.dropout_layers(model)
+        state = _torch_graph.attribute_state(model)
         if key in cache and cache[key][0] is not None:
-            # the trace baked plain attributes in as constants: re-check it against the model (a few rows)
-            if _torch_graph.still_valid(cache[key][0], model, dropouts, x):
-                return cache[key]
+            split, why, seen = cache[key]
+            # the trace baked plain attributes in as constants: when one changed, re-check the split (a few rows)
+            if state == seen or _torch_graph.still_valid(split, model, dropouts, x):
+                cache[key] = (split, why, state)
+                return split, why
         if key not in cache or cache[key][0] is not None:
             cache.clear()  # a changed structure, input shape or attribute invalidates older splits
-            cache[key] = _torch_graph.split_model(model, dropouts, x, self.dropout_types)
-        return cache[key]
+            cache[key] = (*_torch_graph.split_model(model, dropouts, x, self.dropout_types), state)
+        return cache[key][:2]
 
     def generators(self, model: torch.nn.Module, seeds: list[int]) -> list[torch.Generator]:
         """One generator per sample (the fast dropout masks draw from them, never from the global RNG)."""

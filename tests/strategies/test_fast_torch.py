@@ -261,3 +261,25 @@ def test_channel_dropout_on_the_wrong_rank_falls_back_instead_of_failing():
     with pytest.warns(UserWarning):  # torch's own warning about Dropout2d on 3-D input
         out, info = mcu.sample(model, x, 6, strategy="prefix", seed=0, return_info=True)
     assert out.shape == (6, 3, 2) and info.strategy == "vectorized"
+
+
+class Counting(nn.Module):
+    """A plain attribute that changes on every call without changing the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.d, self.calls = nn.Linear(4, 4), nn.Dropout(0.5), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.d(self.l(x))
+
+
+def test_a_changed_attribute_that_does_not_matter_keeps_the_split(monkeypatch):
+    model, x = Counting(), np.ones((3, 4), np.float32)
+    first = mcu.sample(model, x, 20, strategy="prefix", seed=0)
+    builds = []
+    monkeypatch.setattr(_torch_graph, "_build", lambda *a: builds.append(1) or pytest.fail("rebuilt"))
+    second, info = mcu.sample(model, x, 20, strategy="prefix", seed=0, return_info=True)
+    assert info.strategy == "prefix" and not builds
+    np.testing.assert_array_equal(first, second)
