@@ -35,9 +35,12 @@ dtype policy (weights copied, global policy restored), cached per model.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import threading
 import weakref
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import keras
@@ -47,17 +50,24 @@ from keras import tree
 
 __all__ = [
     "DROPOUT_TYPES",
+    "FAST_TYPES",
     "KerasSplit",
     "Unsplittable",
     "bf16_clone",
+    "fast_dropout",
     "forget_bf16",
+    "keep_mask",
+    "keep_plan",
+    "metering",
     "prefix_split",
+    "sample_keys",
     "split_model",
 ]
 
 #: Dropout-family layers (SpatialDropout1D/2D/3D subclass ``keras.layers.Dropout``). Same set as the backend's.
 DROPOUT_TYPES: tuple[type, ...] = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.AlphaDropout)
 
+_MISSING = object()
 _Key = tuple  # (scope, id(KerasTensor)): scope tells apart the calls of an inlined nested model
 
 
@@ -143,6 +153,7 @@ class _Step:
     compute: bool  # False for bookkeeping (entering / leaving an inlined model)
     op: Any
     label: str
+    node: Any = None  # the graph node of a plain layer call (None for bookkeeping steps)
 
 
 def _call_step(node: Any, scope: tuple, dropout_types: tuple[type, ...]) -> _Step:
@@ -158,7 +169,7 @@ def _call_step(node: Any, scope: tuple, dropout_types: tuple[type, ...]) -> _Ste
 
     return _Step(
         run, tuple((scope, id(t)) for t in inputs), tuple((scope, id(t)) for t in node.outputs),
-        source=_holds_dropout(op, dropout_types), compute=True, op=op, label=op.name,
+        source=_holds_dropout(op, dropout_types), compute=True, op=op, label=op.name, node=node,
     )
 
 
@@ -223,6 +234,262 @@ def _symbols(graph: Any, scope: tuple, dropout_types: tuple[type, ...], table: d
             inner = _inlinable(node, dropout_types) if node.operation and not node.is_input else None
             if inner is not None:
                 _symbols(inner, scope + (id(node),), dropout_types, table)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fast exact dropout masks: one Philox stream per sample, a few random bits per element
+# --------------------------------------------------------------------------------------------------------------
+
+#: Layer classes whose training-mode call :func:`fast_dropout` reproduces. Exact classes only: a subclass may
+#: override ``call``. GaussianDropout and AlphaDropout keep running natively (Keras seed generators).
+FAST_TYPES: tuple[type, ...] = (
+    keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D, keras.layers.SpatialDropout3D,
+)
+_SPATIAL_RANK = {keras.layers.SpatialDropout1D: 3, keras.layers.SpatialDropout2D: 4, keras.layers.SpatialDropout3D: 5}
+_PHILOX = 1  # tf.random.Algorithm.PHILOX
+_REGIONS = 4  # Philox counter blocks per dropout call: first-stage words, tie pool, tie overflow (one spare)
+_TIE_BITS = 16
+
+
+def sample_keys(seeds: Sequence[int]) -> tf.Tensor:
+    """One Philox key per sample seed, shape ``(k, 1)`` uint64 (splitmix64 of the seed: all 64 bits used)."""
+    z = np.asarray(list(seeds), dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):  # wrap-around arithmetic is the point
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return tf.constant(z.reshape(-1, 1))
+
+
+def _words(keys: Sequence[tf.Tensor], n: int, region: int) -> tf.Tensor:
+    """``(k, n)`` uniform uint32 words; row ``j`` is the start of Philox stream ``(keys[j], counter block region)``,
+    so it depends on that sample's key alone (not on which other samples share the pass)."""
+    counter = tf.constant([0, region], tf.uint64)
+    rows = [
+        tf.raw_ops.StatelessRandomUniformFullIntV2(shape=[n], key=key, counter=counter, alg=_PHILOX, dtype=tf.uint32)
+        for key in keys
+    ]
+    return rows[0][None] if len(rows) == 1 else tf.stack(rows)
+
+
+def keep_plan(keep: Fraction) -> tuple[int, int, int]:
+    """How :func:`keep_mask` draws Bernoulli(``keep``), ``0 < keep < 1``: ``(bits, threshold, rest)``.
+
+    ``keep`` is taken to 80 binary digits (exact for every float64 rate in [2**-27, 1]; below that the
+    error is under 2**-80). A draw keeps the element when a uniform ``bits``-bit field is below ``threshold``:
+    exact when ``keep`` is a multiple of 2**-bits (``rest == 0``; 0.5 -> 1 bit, 0.75 -> 2 bits, multiples of
+    1/256 -> 8 bits). Otherwise ``bits == 16`` and a field equal to ``threshold`` (a tie, probability 2**-16)
+    is resolved by 64 more bits compared with ``rest`` (keep's binary digits 17..80).
+    """
+    q = math.floor(Fraction(keep) * (1 << 80))
+    for bits in (1, 2, 4, 8, _TIE_BITS):
+        if q % (1 << (80 - bits)) == 0:
+            return bits, q >> (80 - bits), 0
+    return _TIE_BITS, q >> (80 - _TIE_BITS), q & ((1 << (80 - _TIE_BITS)) - 1)
+
+
+def _field_table(bits: int, threshold: int) -> np.ndarray:
+    """``(256, 8 // bits)`` 0/1: whether each ``bits``-bit field of a byte value is below ``threshold``."""
+    fields = (np.arange(256)[:, None] >> (bits * np.arange(8 // bits))[None]) & ((1 << bits) - 1)
+    return (fields < threshold).astype(np.float32)
+
+
+def _resolve_ties(below: tf.Tensor, ties: tf.Tensor, keys: Sequence[tf.Tensor], rest: int, region: int) -> tf.Tensor:
+    """Settle the 16-bit ties of :func:`keep_mask` with two more uniform 32-bit words each (exact).
+
+    The ``r``-th tie of sample ``j`` (row-major order) takes word pair ``r`` of a per-sample pool (Philox
+    block ``region + 1``), sized far above the expected ``m / 65536`` ties; a tie beyond the pool takes the
+    pair at its own position from block ``region + 2`` (never seen in practice, but exact). Either way the
+    words depend only on the sample's key and its tie positions, so grouping into passes does not matter.
+    """
+    k, m = len(keys), int(below.shape[1])
+    mid, low = rest >> 32, rest & 0xFFFFFFFF
+    pool_size = 2 * -(-m // (1 << _TIE_BITS)) + 16
+
+    def resolve() -> tf.Tensor:
+        where = tf.where(ties)  # (T, 2) int64, row-major: sample, position
+        rows = where[:, 0]
+        order = tf.range(tf.shape(where, out_type=tf.int64)[0])
+        rank = order - tf.gather(tf.math.unsorted_segment_min(order, rows, k), rows)
+        pool = tf.reshape(_words(keys, 2 * pool_size, region + 1), [k, pool_size, 2])
+        words = tf.gather_nd(pool, tf.stack([rows, tf.minimum(rank, pool_size - 1)], axis=1))
+        spill = rank >= pool_size
+        words = tf.cond(
+            tf.reduce_any(spill),
+            lambda: tf.where(spill[:, None], tf.gather_nd(tf.reshape(_words(keys, 2 * m, region + 2), [k, m, 2]), where),
+                             words),
+            lambda: words,
+        )
+        first, second = words[:, 0], words[:, 1]
+        kept = (first < tf.constant(mid, tf.uint32)) | (
+            (first == tf.constant(mid, tf.uint32)) & (second < tf.constant(low, tf.uint32)))
+        return tf.tensor_scatter_nd_update(below, where, kept)
+
+    return tf.cond(tf.reduce_any(ties), resolve, lambda: below)
+
+
+def keep_mask(keys: Sequence[tf.Tensor], m: int, keep: Fraction, region: int, dtype: Any = tf.float32) -> tf.Tensor:
+    """``(k, m)`` independent Bernoulli(``keep``) draws as 0/1 in ``dtype``; row ``j`` from ``keys[j]`` alone.
+
+    Exact in distribution (see :func:`keep_plan`): ``bits`` random bits per element instead of a float32
+    uniform — 1/32 of a Philox word per element at keep 0.5, 1/16 at 0.75, 1/2 for a non-dyadic keep.
+    ``region`` (a multiple of 4) tells apart the draws of different dropout calls of one sample.
+    """
+    k = len(keys)
+    bits, threshold, rest = keep_plan(keep)
+    if bits < 8:  # a byte holds 8 // bits fields: one table lookup gives all of them
+        n = -(-m * bits // 32)
+        octets = tf.reshape(tf.bitcast(_words(keys, n, region), tf.uint8), [k, 4 * n])
+        table = tf.constant(_field_table(bits, threshold), dtype=dtype)
+        flat = tf.reshape(tf.gather(table, tf.cast(octets, tf.int32)), [k, 32 * n // bits])
+    elif bits == 8:
+        n = -(-m // 4)
+        octets = tf.reshape(tf.bitcast(_words(keys, n, region), tf.uint8), [k, 4 * n])
+        flat = tf.cast(octets < tf.constant(threshold, tf.uint8), dtype)
+    else:
+        n = -(-m // 2)
+        fields = tf.reshape(tf.bitcast(_words(keys, n, region), tf.uint16), [k, 2 * n])
+        if 2 * n != m:
+            fields = fields[:, :m]
+        below = fields < tf.constant(threshold, tf.uint16)
+        if rest:
+            below = _resolve_ties(below, tf.equal(fields, tf.constant(threshold, tf.uint16)), keys, rest, region)
+        flat = tf.cast(below, dtype)
+    return flat if int(flat.shape[1]) == m else flat[:, :m]
+
+
+def _noise_shape(layer: Any, per_sample: tuple[int, ...]) -> tuple[int, ...]:
+    """The mask shape of one sample (``per_sample`` = its ``(N, ...)`` input shape), as Keras broadcasts it."""
+    kind, rank = type(layer), len(per_sample)
+    if kind is keras.layers.Dropout:
+        if layer.noise_shape is None:
+            return per_sample
+        return tuple(d if v is None else int(v) for v, d in zip(layer.noise_shape, per_sample))
+    if kind is keras.layers.SpatialDropout1D or layer.data_format == "channels_last":
+        return (per_sample[0],) + (1,) * (rank - 2) + (per_sample[-1],)
+    return (per_sample[0], per_sample[1]) + (1,) * (rank - 2)
+
+
+def fast_problem(step: "_Step") -> str | None:
+    """Why ``step`` cannot use :func:`fast_dropout` (None: it can). Decided on the symbolic graph."""
+    op, node = step.op, step.node
+    if node is None or type(op) not in FAST_TYPES:
+        return f"{op.name}: {type(op).__name__} runs natively"
+    args, kwargs = node.arguments.args, node.arguments.kwargs
+    if len(args) != 1 or set(kwargs) - {"training"} or len(step.reads) != 1:
+        return f"{op.name}: called with arguments other than one tensor"
+    spec = node.input_tensors[0]
+    shape, dtype = tuple(spec.shape), keras.backend.standardize_dtype(spec.dtype)
+    if "float" not in dtype:
+        return f"{op.name}: input dtype {dtype}"
+    if type(op) in _SPATIAL_RANK:
+        if len(shape) != _SPATIAL_RANK[type(op)] or (type(op) is not keras.layers.SpatialDropout1D
+                                                     and op.data_format not in ("channels_last", "channels_first")):
+            return f"{op.name}: {len(shape)}-D input"
+        if any(d is None for d in shape[1:]):
+            return f"{op.name}: input shape {shape} not static"
+    elif op.noise_shape is not None:
+        noise = tuple(op.noise_shape)
+        if len(noise) != len(shape) or noise[0] not in (None, 1) or any(
+                v is not None and v != 1 and v != d for v, d in zip(noise[1:], shape[1:])):
+            return f"{op.name}: noise_shape {noise} for inputs {shape}"
+    if not (0 <= op.rate <= 1):
+        return f"{op.name}: rate {op.rate}"
+    return None
+
+
+def _fast_signature(layer: Any) -> tuple:
+    """What a traced :func:`fast_dropout` baked in: a change (e.g. of ``rate``) needs a new trace."""
+    return (layer.rate, getattr(layer, "noise_shape", None), getattr(layer, "data_format", None))
+
+
+def fast_dropout(x: tf.Tensor, layer: Any, keys: Sequence[tf.Tensor] | None, copies: int, broadcast: bool,
+                 region: int) -> tuple[tf.Tensor, bool]:
+    """``layer(x, training=True)`` for ``copies`` samples at once, sample ``j``'s mask from ``keys[j]``.
+
+    Same values as Keras' dropout where the input is finite (``where(U >= rate, x * scale, 0)`` with
+    ``scale = 1 / (1 - rate)``) and the same distribution of masks (Bernoulli(1 - rate) per noise-shape
+    element, exact: :func:`keep_mask`); a dropped non-finite input gives NaN here instead of 0.
+
+    Shape:
+        x: ``(N, ...)`` when ``broadcast`` (the same rows for every copy: the mask is broadcast against them
+        instead of materialising ``copies`` copies), else ``(copies * N, ...)``. Returns ``(out, broadcast)``:
+        ``(copies * N, ...)`` and False, or ``x`` itself (and ``broadcast`` unchanged) when dropout is
+        inactive (``keys is None``) or the rate is 0.
+    """
+    if layer._convert_input_args:  # what Layer.__call__ does first (mixed precision: cast to compute dtype)
+        x = layer.dtype_policy.convert_input(x, layer.autocast, layer.input_dtype)
+    rows = int(x.shape[0]) if broadcast else int(x.shape[0]) // copies
+    per_sample = (rows,) + tuple(int(d) for d in x.shape[1:])
+    if keys is None or layer.rate == 0:
+        return x, broadcast
+    if layer.rate == 1:
+        return _record(tf.zeros((copies * rows,) + per_sample[1:], x.dtype)), False
+    noise = _noise_shape(layer, per_sample)
+    keep = 1 - Fraction(layer.rate)  # the exact probability of Keras' U >= rate
+    mask = tf.reshape(keep_mask(keys, math.prod(noise), keep, region, x.dtype), (copies,) + noise)
+    scaled = x * tf.constant(1 / (1 - layer.rate), x.dtype)  # as Keras: x * scale, then select
+    out = (scaled[None] if broadcast else tf.reshape(scaled, (copies,) + per_sample)) * mask
+    return _record(tf.reshape(out, (copies * rows,) + per_sample[1:])), False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Activation metering (a rough per-pass memory estimate for the auto strategy's budget)
+# --------------------------------------------------------------------------------------------------------------
+
+_METER = threading.local()
+
+
+def _record(t: Any) -> Any:
+    """Add ``t``'s bytes to the active meter of this thread (eager tensors only); returns ``t``."""
+    meter = getattr(_METER, "value", None)
+    if meter is not None and tf.is_tensor(t) and t.shape.is_fully_defined():
+        meter[0] += t.shape.num_elements() * t.dtype.size
+    return t
+
+
+def _metered(call: Callable[..., Any]) -> Callable[..., Any]:
+    def call_and_record(*args: Any, **kwargs: Any) -> Any:
+        out = call(*args, **kwargs)
+        for t in tree.flatten(out):
+            _record(t)
+        return out
+
+    return call_and_record
+
+
+@contextlib.contextmanager
+def metering(model: Any) -> Iterator[list[int]]:
+    """Inside the block, count the bytes of every leaf layer output of ``model`` and of the fast suffix's
+    masked and repeated tensors; yields ``[bytes]``.
+
+    Functions run eagerly meanwhile (``tf.config.run_functions_eagerly``, process-wide, restored on exit) so
+    that the layers' Python runs and sees concrete shapes; each leaf layer gets an instance-level ``call``
+    wrapper, removed on exit (the layer's previous ``__dict__`` entry, e.g. MC mode's patch, is put back).
+    Traced functions are untouched: nothing is retraced because of the measurement.
+    """
+    leaves = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
+              if next(iter(layer._flatten_layers(include_self=False, recursive=False)), None) is None]
+    patched: list[tuple[Any, Any]] = []
+    eager = tf.config.functions_run_eagerly()
+    meter = [0]
+    previous = getattr(_METER, "value", None)
+    try:
+        for layer in leaves:
+            patched.append((layer, layer.__dict__.get("call", _MISSING)))
+            layer.call = _metered(layer.call)
+        _METER.value = meter
+        tf.config.run_functions_eagerly(True)
+        yield meter
+    finally:
+        tf.config.run_functions_eagerly(eager)
+        _METER.value = previous
+        for layer, original in reversed(patched):
+            if original is _MISSING:
+                del layer.call
+            else:
+                layer.call = original
+
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -306,8 +573,14 @@ class KerasSplit:
                 if isinstance(layer, dropout_types):
                     seen.setdefault(id(layer), layer)
         self.dropout_layers = list(seen.values())
+        problems = {i: fast_problem(step) for i, step in enumerate(suffix) if step.source}
+        self._fast = {i: step.op for i, step in enumerate(suffix) if step.source and problems[i] is None}
+        self.native_reasons = [why for why in problems.values() if why is not None]
+        #: Some dropout draws from Keras seed generators (a shared state), not from the per-sample keys.
+        self.native_rng = bool(self.native_reasons)
         self._prefix_fn = tf.function(self._run_prefix, reduce_retracing=True)
         self._suffix_fns: dict[tuple[bool, ...], Callable] = {}
+        self._sample_fns: dict[Hashable, Callable] = {}
         self._validated: dict[Hashable, str | None] = {}
         self._lock = threading.Lock()
 
@@ -315,9 +588,12 @@ class KerasSplit:
     def describe(self) -> str:
         shapes = ", ".join(str(tuple(t.shape)) for t in self.frontier_tensors)
         first = next(step.label for step in self._suffix_steps if step.compute)
+        calls = sum(step.source for step in self._suffix_steps)
         return (
             f"prefix of {self.n_prefix_ops} ops cached, suffix of {self.n_suffix_ops} ops from {first!r} repeated; "
-            f"frontier: {len(self._frontier)} tensor(s) {shapes}"
+            f"frontier: {len(self._frontier)} tensor(s) {shapes}; fast per-sample masks in {len(self._fast)} of "
+            f"{calls} dropout call(s)"
+            + (f" (native: {'; '.join(self.native_reasons)})" if self.native_reasons else "")
         )
 
     def __repr__(self) -> str:
@@ -349,6 +625,60 @@ class KerasSplit:
             self._run(self._suffix_steps, env)
         outputs = tree.pack_sequence_as(self._outputs_struct, [env[key] for key in self._output_keys])
         return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
+
+    def _run_fast(self, frontier: list, keys: tf.Tensor | None, copies: int | None = None,
+                  broadcast: bool = True) -> Any:
+        """The suffix with :func:`fast_dropout` in place of the dropout layers that allow it (others run as
+        layers: inside MC mode from their seed generators). With ``broadcast`` the frontier has ``N`` rows and
+        stands for ``copies`` stacked copies: a tensor is repeated only when something other than a fast
+        dropout reads it. ``keys=None``: fast dropouts inactive (validation), ``copies`` then given."""
+        model = self._model_or_raise()
+        key_list = None if keys is None else tf.unstack(keys)
+        copies = len(key_list) if key_list is not None else int(copies)
+        with _as_model_call(model):
+            env = dict(zip(self._frontier, frontier))
+            lazy = set(self._frontier) if broadcast else set()
+
+            def full(key: _Key) -> Any:
+                if key in lazy:
+                    value = env[key]
+                    env[key] = _record(tf.tile(value, [copies] + [1] * (len(value.shape) - 1)))
+                    lazy.discard(key)
+                return env[key]
+
+            for index, step in enumerate(self._suffix_steps):
+                layer = self._fast.get(index)
+                if layer is None:
+                    env.update(zip(step.writes, step.run([full(key) for key in step.reads])))
+                    continue
+                (read,), (write,) = step.reads, step.writes
+                env[write], still = fast_dropout(env[read], layer, key_list, copies, read in lazy, _REGIONS * index)
+                if still:
+                    lazy.add(write)
+            values = [full(key) for key in self._output_keys]
+        outputs = tree.pack_sequence_as(self._outputs_struct, values)
+        return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
+
+    def sample(self, frontier: Sequence[tf.Tensor], keys: tf.Tensor, broadcast: bool = True) -> Any:
+        """``k = len(keys)`` samples of the stochastic part, sample ``j``'s fast dropout masks from ``keys[j]``.
+
+        Run inside the backend's ``mc_mode`` (dropout layers without a fast path draw from their seed
+        generators, see :attr:`native_rng`). One ``tf.function`` per block size ``k``, patch state and
+        dropout settings (traced once per frontier shape); ``keys`` is a tensor, so seeds never retrace.
+
+        Shape:
+            frontier: list of ``(N, *frontier_shape_i)`` (:meth:`prefix`; ``broadcast``) or of
+            ``(k * N, ...)`` stacked copies; keys: ``(k, 1)`` uint64 (:func:`sample_keys`) -> ``(k * N, *out)``.
+        """
+        state = (int(keys.shape[0]), broadcast, _dropout_patch_state(self.dropout_layers),
+                 tuple(_fast_signature(layer) for layer in self._fast.values()))
+        function = self._sample_fns.get(state)
+        if function is None:
+            with self._lock:
+                function = self._sample_fns.setdefault(
+                    state, tf.function(functools.partial(self._run_fast, broadcast=broadcast))
+                )
+        return function(list(frontier), keys)
 
     def prefix(self, x: Any) -> list[tf.Tensor]:
         """The frontier for inputs ``x`` (the model's input structure, ``N`` rows): deterministic, inference mode.
@@ -400,16 +730,22 @@ class KerasSplit:
                 bad = [tuple(f.shape) for f in frontier if len(f.shape) == 0 or int(f.shape[0]) != n]
                 if bad:
                     raise Unsplittable(f"frontier tensors without the batch axis of {n} rows: {bad}")
-                out = self.suffix([tf.tile(f, [copies] + [1] * (len(f.shape) - 1)) for f in frontier])
+                outs = [self.suffix([tf.tile(f, [copies] + [1] * (len(f.shape) - 1)) for f in frontier])]
+                if self._fast:  # the fast executor too: broadcast frontier, fast dropouts inactive
+                    run = tf.function(functools.partial(self._run_fast, keys=None, copies=copies, broadcast=True))
+                    outs.append(run(list(frontier)))
             reason = None
-            for (ref, tol), (val, _) in zip(reference, [_host(t) for t in tree.flatten(out)]):
-                if val.shape != (copies * ref.shape[0],) + ref.shape[1:]:
-                    reason = f"suffix output shape {val.shape} != {copies} copies of {ref.shape}"
-                    break
-                diff = np.abs(val.reshape((copies,) + ref.shape) - ref[None]) / (np.abs(ref[None]) + 1.0)
-                err = float(np.max(diff)) if diff.size else 0.0
-                if not np.isfinite(err) or err > tol:
-                    reason = f"split output differs from the full pass by {err:.3g} (> {tol:g}): batch-dependent op?"
+            for out in outs:
+                for (ref, tol), (val, _) in zip(reference, [_host(t) for t in tree.flatten(out)]):
+                    if val.shape != (copies * ref.shape[0],) + ref.shape[1:]:
+                        reason = f"suffix output shape {val.shape} != {copies} copies of {ref.shape}"
+                        break
+                    diff = np.abs(val.reshape((copies,) + ref.shape) - ref[None]) / (np.abs(ref[None]) + 1.0)
+                    err = float(np.max(diff)) if diff.size else 0.0
+                    if not np.isfinite(err) or err > tol:
+                        reason = f"split output differs from the full pass by {err:.3g} (> {tol:g}): batch-dependent op?"
+                        break
+                if reason is not None:
                     break
         except Unsplittable as exc:
             reason = str(exc)

@@ -65,24 +65,44 @@ def _seed_states(layers: list[keras.layers.Layer]) -> list[Any]:
     return states
 
 
+class _Frontier(list):
+    """The frontier of ``rows`` examples as :meth:`_SplitAdapter.prefix` returns it (a list of tensors).
+
+    The strategies pass it back unrepeated (``repeats_frontier``): the split stacks the copies itself,
+    broadcasting the dropout masks against it instead of materialising ``k`` copies.
+    """
+
+    rows: int
+
+
 class _SplitAdapter:
     """The strategies' split interface over a :class:`_keras_graph.KerasSplit`.
 
-    Keras dropout draws from each layer's seed-generator state (seeded per session by
-    :meth:`KerasBackend.seeded`), not from a per-block generator, so blocks cannot run on parallel threads
-    deterministically: ``native_rng`` is True.
+    ``suffix(frontier, generators)``: ``generators`` are per-sample Philox keys (:meth:`KerasBackend.generators`);
+    sample ``j``'s fast dropout masks depend on its key alone, so blocks may be grouped in any way and run on
+    parallel threads. ``native_rng`` is True when some dropout of the suffix has no fast path (GaussianDropout,
+    AlphaDropout, a dropout inside a subclassed layer, ...) and draws from its Keras seed generator instead:
+    shared state, so the result then depends on the grouping and threads would make it irreproducible.
     """
 
-    native_rng = True
+    repeats_frontier = True
 
     def __init__(self, split: Any) -> None:
         self._split = split
 
+    @property
+    def native_rng(self) -> bool:
+        return self._split.native_rng
+
     def prefix(self, x: tf.Tensor) -> list[tf.Tensor]:
-        return list(self._split.prefix(x))
+        frontier = _Frontier(self._split.prefix(x))
+        frontier.rows = int(frontier[0].shape[0])
+        return frontier
 
     def suffix(self, frontier: list[tf.Tensor], generators: Any) -> tf.Tensor:
-        return self._split.suffix(frontier)
+        # the prefix's own list: N rows standing for len(generators) copies; anything else: stacked copies
+        broadcast = isinstance(frontier, _Frontier) and int(frontier[0].shape[0]) == frontier.rows
+        return self._split.sample(list(frontier), generators, broadcast=broadcast)
 
     @property
     def description(self) -> str:
@@ -118,15 +138,16 @@ class KerasBackend:
         # Training mode may update BatchNorm moving statistics: snapshot every variable to restore it exactly.
         saved = [(v, v.numpy()) for v in model.variables] if mode == "training" else []
         previous_mode = getattr(self._mode, "value", None)
+        previous_model = getattr(self._mode, "model", None)
         try:
             if mode == "dropout":
                 for layer in dropouts:
                     patched.append((layer, layer.__dict__.get("call", _MISSING)))
                     layer.call = _force_training(layer.call)
-            self._mode.value = mode
+            self._mode.value, self._mode.model = mode, model
             yield
         finally:
-            self._mode.value = previous_mode
+            self._mode.value, self._mode.model = previous_mode, previous_model
             for layer, original in reversed(patched):
                 if original is _MISSING:
                     del layer.call
@@ -216,14 +237,29 @@ class KerasBackend:
         split, reason = _keras_graph.prefix_split(model, x, dropout_types=self.dropout_types)
         return (None if split is None else _SplitAdapter(split)), reason
 
-    def generators(self, model: keras.layers.Layer, seeds: list[int]) -> list[int]:
-        return seeds  # unused: Keras dropout draws from the layers' seed states (see seeded())
+    def generators(self, model: keras.layers.Layer, seeds: list[int]) -> tf.Tensor:
+        """One Philox key per sample, ``(k, 1)`` uint64: the split's fast dropout masks of sample ``j`` come
+        from ``seeds[j]`` alone (dropouts without a fast path still draw from their seed generators)."""
+        return _keras_graph.sample_keys(seeds)
+
+    @contextlib.contextmanager
+    def worker_threads(self, workers: int) -> Iterator[None]:
+        """Nothing to divide: TensorFlow's intra-op thread pool is process-wide and fixed once it started."""
+        yield
 
     def worker_context(self, model: keras.layers.Layer, precision: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
     def activation_bytes(self, run: Callable[[], Any]) -> int | None:
-        return None  # no cheap per-layer accounting: auto caps passes at ~1024 rows instead
+        """Bytes of all leaf-layer outputs produced by ``run()`` (plus the fast suffix's masked and repeated
+        tensors): a rough per-pass memory estimate. ``run`` executes once eagerly (see
+        :func:`_keras_graph.metering`); call inside :meth:`mc_mode`, whose model is metered."""
+        model = getattr(self._mode, "model", None)
+        if model is None:
+            return None
+        with _keras_graph.metering(model) as meter:
+            run()
+        return meter[0] or None
 
     def nbytes(self, t: tf.Tensor) -> int:
         return int(tf.size(t)) * t.dtype.size

@@ -24,7 +24,9 @@ from mcu.strategies import STRATEGIES
 from mcu.strategies.base import Plan, SeedStream
 from mcu.strategies.loop import LoopStrategy
 from mcu.strategies.parallel import ParallelStrategy
+from mcu.strategies.prefix import DEFAULT_ROWS as PREFIX_ROWS
 from mcu.strategies.prefix import PrefixStrategy
+from mcu.strategies.vectorized import DEFAULT_ROWS as VECTORIZED_ROWS
 from mcu.strategies.vectorized import VectorizedStrategy
 
 __all__ = ["prepare"]
@@ -33,6 +35,7 @@ MIN_BUDGET = 8 << 20
 _COPIES = (1, 2, 4, 8, 16, 32, 64, 128)
 _cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _SPLIT_STRATEGIES = ("prefix", "parallel")
+DEFAULT_ROWS = {"vectorized": VECTORIZED_ROWS, "prefix": PREFIX_ROWS, "parallel": PREFIX_ROWS}
 
 
 def _attach_split(plan: Plan) -> str:
@@ -56,6 +59,42 @@ def _explicit(plan: Plan, requested: str) -> tuple[Any, str]:
             "torch AlphaDropout), which threads would make irreproducible: ran 'prefix'; split: " + why
         )
     return STRATEGIES[requested], f"requested; split: {why}"
+
+
+def _within_budget(plan: Plan, strategy: Any, reason: str, n_samples: int) -> str:
+    """Cap an explicitly requested strategy's copies per pass by the memory budget (as ``auto`` does), unless
+    the caller set ``chunk_size``. The measurement is cached per model and input shape."""
+    if strategy.name == "loop":
+        return reason
+    default = plan.copies_per_pass(DEFAULT_ROWS[strategy.name])
+    if plan.chunk_size is not None:
+        plan.copies = default
+        return reason
+    key = ("limits", *_key(plan, n_samples))
+    cache = _cache.setdefault(plan.model, {})
+    if key not in cache:
+        cache[key] = _isolated(plan, lambda: _limits(plan, n_samples))
+    budget, limits = cache[key]
+    plan.copies = min(default, limits[strategy.name])
+    if plan.copies < default:
+        reason += (f"; copies per pass capped at {plan.copies} (default {default}) by the memory budget of "
+                   f"{budget / 2**20:.0f} MB (max_memory=)")
+    return reason
+
+
+def _key(plan: Plan, n_samples: int) -> tuple:
+    return (tuple(plan.x.shape), str(plan.x.dtype), plan.chunk_size, plan.max_memory, min(n_samples, _COPIES[-1]),
+            plan.precision, plan.seeded, plan.split is not None, getattr(plan.split, "native_rng", None))
+
+
+def _isolated(plan: Plan, measure: Any) -> Any:
+    """Run a measurement under a fixed seed: it must neither consume nor depend on the user's random stream."""
+    seeds, plan.seeds = plan.seeds, SeedStream(0)
+    try:
+        with plan.backend.seeded(plan.model, 0):
+            return measure()
+    finally:
+        plan.seeds = seeds
 
 
 def _budget(plan: Plan, full_pass_bytes: int | None) -> int:
@@ -84,23 +123,36 @@ def _time_per_sample(strategy: Any, plan: Plan, copies: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def _probe(plan: Plan, n_samples: int) -> tuple[Any, int, str]:
+def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int]]:
+    """The memory budget and, per strategy, the most copies per pass that stay within it (one full pass and
+    one suffix pass are measured; call under the backend's ``seeded`` block: they draw random numbers)."""
     backend = plan.backend
     per_copy_full = backend.activation_bytes(lambda: backend.forward(plan.model, plan.x))
     budget = _budget(plan, per_copy_full)
-    # A seeded call only compares configurations that return the same samples (per-sample generators).
-    families: list[tuple[Any, int]] = [] if plan.seeded else [
-        (VectorizedStrategy(), _max_copies(plan, budget, per_copy_full, n_samples))]
+    limits = {"vectorized": _max_copies(plan, budget, per_copy_full, n_samples)}
     if plan.split is not None:
         frontier = plan.split.prefix(plan.x)
         suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generators(plan.model, [0])))
         per_copy = None if suffix is None else suffix + sum(backend.nbytes(f) for f in frontier)
-        limit = _max_copies(plan, budget, per_copy, n_samples)
-        families.append((PrefixStrategy(), limit))
-        workers = plan.workers or os.cpu_count() or 1
-        if workers > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
-            # every worker holds its own block: the budget is shared between them
-            families.append((ParallelStrategy(), max(1, limit // workers)))
+        limits["prefix"] = _max_copies(plan, budget, per_copy, n_samples)
+        # every worker holds its own block: the budget is shared between them
+        limits["parallel"] = max(1, limits["prefix"] // _workers(plan))
+    return budget, limits
+
+
+def _workers(plan: Plan) -> int:
+    return plan.workers or os.cpu_count() or 1
+
+
+def _probe(plan: Plan, n_samples: int) -> tuple[Any, int, str]:
+    backend = plan.backend
+    budget, limits = _limits(plan, n_samples)
+    # A seeded call only compares configurations that return the same samples (per-sample generators).
+    families: list[tuple[Any, int]] = [] if plan.seeded else [(VectorizedStrategy(), limits["vectorized"])]
+    if plan.split is not None:
+        families.append((PrefixStrategy(), limits["prefix"]))
+        if _workers(plan) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
+            families.append((ParallelStrategy(), limits["parallel"]))
     timings: dict[str, float] = {}
     best = (float("inf"), PrefixStrategy(), 1)
     if not plan.seeded:
@@ -137,7 +189,8 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
             )
         return LoopStrategy(), "mode='training': batch statistics depend on the batch, so only separate passes are exact"
     if requested != "auto":
-        return _explicit(plan, requested)
+        strategy, reason = _explicit(plan, requested)
+        return strategy, _within_budget(plan, strategy, reason, n_samples)
     why = _attach_split(plan)
     per_sample_rng = plan.split is not None and not plan.split.native_rng
     if plan.seeded and not per_sample_rng:
@@ -148,16 +201,10 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
                           f"the samples){_split_note(plan, why)}")
     if n_samples == 1:
         return (PrefixStrategy(), f"one sample; split: {why}") if plan.split else (LoopStrategy(), "one sample")
-    key = (tuple(plan.x.shape), str(plan.x.dtype), plan.chunk_size, plan.max_memory, min(n_samples, _COPIES[-1]),
-           plan.precision, plan.seeded, plan.split is not None, getattr(plan.split, "native_rng", None))
+    key = _key(plan, n_samples)
     cache = _cache.setdefault(plan.model, {})
     if key not in cache:
-        seeds, plan.seeds = plan.seeds, SeedStream(0)  # the probe must not advance the user's stream
-        try:
-            with plan.backend.seeded(plan.model, 0):
-                cache[key] = _probe(plan, n_samples)
-        finally:
-            plan.seeds = seeds
+        cache[key] = _isolated(plan, lambda: _probe(plan, n_samples))
     strategy, copies, reason = cache[key]
     plan.copies = copies
     return strategy, f"{strategy.name} with {copies} copies per pass: {reason}{_split_note(plan, why)}"

@@ -283,3 +283,15 @@ def test_a_changed_attribute_that_does_not_matter_keeps_the_split(monkeypatch):
     second, info = mcu.sample(model, x, 20, strategy="prefix", seed=0, return_info=True)
     assert info.strategy == "prefix" and not builds
     np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("strategy", ["vectorized", "prefix", "parallel"])
+def test_explicit_strategies_stay_within_the_memory_budget(strategy):
+    model = _models.zoo("torch").mlp()
+    x = np.ones((64, 784), np.float32)
+    _, info = mcu.sample(model, x, 50, strategy=strategy, max_memory=200_000, return_info=True)
+    assert info.details["copies_per_pass"] == 1 and "memory budget" in info.strategy_reason
+    _, info = mcu.sample(model, x, 50, strategy=strategy, max_memory=50 << 20, return_info=True)
+    assert info.details["copies_per_pass"] > 1  # a raised budget allows more
+    _, info = mcu.sample(model, x, 50, strategy=strategy, max_memory=200_000, chunk_size=640, return_info=True)
+    assert info.details["copies_per_pass"] == 10  # an explicit chunk_size is the caller's choice
