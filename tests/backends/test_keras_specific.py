@@ -116,25 +116,51 @@ def _functional_cnn():
     return keras.Model(inputs, L.Dense(3)(h))
 
 
+def _gaussian_cnn():
+    """As _functional_cnn, but the dropout after the cut is a GaussianDropout: no fast per-sample path."""
+    inputs = keras.Input((12, 12, 1))
+    h = L.MaxPooling2D()(L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(inputs))))
+    h = L.GaussianDropout(0.5)(L.Dense(16, activation="relu")(L.Flatten()(h)))
+    return keras.Model(inputs, L.Dense(3)(h))
+
+
 def test_prefix_strategy_runs_on_functional_models_and_auto_explains():
     model = _functional_cnn()
     x = np.random.default_rng(0).standard_normal((5, 12, 12, 1)).astype(np.float32)
     samples, info = mcu.sample(model, x, 30, strategy="prefix", seed=0, return_info=True)
     assert info.strategy == "prefix" and "split" in info.strategy_reason
+    assert "fast per-sample masks in 1 of 1" in info.strategy_reason
     assert samples.shape == (30, 5, 3) and not np.allclose(samples[0], samples[1])
     _, auto = mcu.sample(model, x, 30, return_info=True)
     assert "probe" in auto.strategy_reason
-    # seeded: Keras dropout shares per-layer seed states, so auto must not pick by timing
+    # seeded: every dropout draws from per-sample keys, so auto may time configurations that all return the
+    # same samples (any copies per pass, any workers)
     first, seeded = mcu.sample(model, x, 30, seed=3, return_info=True)
-    assert "without timing" in seeded.strategy_reason
+    assert seeded.strategy in ("prefix", "parallel") and "probe" in seeded.strategy_reason
+    np.testing.assert_array_equal(first, mcu.sample(model, x, 30, seed=3))
+    np.testing.assert_array_equal(first, mcu.sample(model, x, 30, seed=3, strategy="prefix", chunk_size=5 * 7))
+
+
+def test_seeded_auto_does_not_time_a_model_whose_dropout_has_no_fast_path():
+    model = _gaussian_cnn()
+    x = np.random.default_rng(0).standard_normal((5, 12, 12, 1)).astype(np.float32)
+    first, seeded = mcu.sample(model, x, 30, seed=3, return_info=True)
+    assert "without timing" in seeded.strategy_reason and "GaussianDropout runs natively" in seeded.strategy_reason
     np.testing.assert_array_equal(first, mcu.sample(model, x, 30, seed=3))
 
 
-def test_parallel_on_keras_falls_back_to_prefix_and_says_why():
-    model = _functional_cnn()
+def test_parallel_on_keras_falls_back_to_prefix_when_some_dropout_is_native():
     x = np.ones((2, 12, 12, 1), np.float32)
-    _, info = mcu.sample(model, x, 6, strategy="parallel", seed=0, return_info=True)
+    _, info = mcu.sample(_gaussian_cnn(), x, 6, strategy="parallel", seed=0, return_info=True)
     assert info.strategy == "prefix" and "shared random state" in info.strategy_reason
+
+
+def test_parallel_on_keras_gives_the_prefix_samples():
+    model = _functional_cnn()
+    x = np.random.default_rng(1).standard_normal((3, 12, 12, 1)).astype(np.float32)
+    ours, info = mcu.sample(model, x, 13, strategy="parallel", workers=2, chunk_size=3 * 2, seed=4, return_info=True)
+    assert info.strategy == "parallel"
+    np.testing.assert_array_equal(ours, mcu.sample(model, x, 13, strategy="prefix", chunk_size=3 * 5, seed=4))
 
 
 def test_subclassed_model_cannot_be_split_and_falls_back():
