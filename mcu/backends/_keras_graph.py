@@ -56,6 +56,7 @@ __all__ = [
     "bf16_clone",
     "fast_dropout",
     "forget_bf16",
+    "keep_bits",
     "keep_mask",
     "keep_plan",
     "metering",
@@ -289,9 +290,10 @@ def keep_plan(keep: Fraction) -> tuple[int, int, int]:
 
 
 def _field_table(bits: int, threshold: int) -> np.ndarray:
-    """``(256, 8 // bits)`` 0/1: whether each ``bits``-bit field of a byte value is below ``threshold``."""
+    """``(256, 8 // bits)`` -1/0 (all bits set when kept): whether each ``bits``-bit field of a byte value is
+    below ``threshold``."""
     fields = (np.arange(256)[:, None] >> (bits * np.arange(8 // bits))[None]) & ((1 << bits) - 1)
-    return (fields < threshold).astype(np.float32)
+    return -(fields < threshold).astype(np.int64)
 
 
 def _resolve_ties(below: tf.Tensor, ties: tf.Tensor, keys: Sequence[tf.Tensor], rest: int, region: int) -> tf.Tensor:
@@ -328,8 +330,10 @@ def _resolve_ties(below: tf.Tensor, ties: tf.Tensor, keys: Sequence[tf.Tensor], 
     return tf.cond(tf.reduce_any(ties), resolve, lambda: below)
 
 
-def keep_mask(keys: Sequence[tf.Tensor], m: int, keep: Fraction, region: int, dtype: Any = tf.float32) -> tf.Tensor:
-    """``(k, m)`` independent Bernoulli(``keep``) draws as 0/1 in ``dtype``; row ``j`` from ``keys[j]`` alone.
+def keep_bits(keys: Sequence[tf.Tensor], m: int, keep: Fraction, region: int, itype: Any = tf.int32) -> tf.Tensor:
+    """``(k, m)`` independent Bernoulli(``keep``) draws in the integer type ``itype``: all bits set (-1) for a
+    kept element, 0 for a dropped one (an AND mask for a float of the same width). Row ``j`` comes from
+    ``keys[j]`` alone.
 
     Exact in distribution (see :func:`keep_plan`): ``bits`` random bits per element instead of a float32
     uniform — 1/32 of a Philox word per element at keep 0.5, 1/16 at 0.75, 1/2 for a non-dyadic keep.
@@ -337,15 +341,11 @@ def keep_mask(keys: Sequence[tf.Tensor], m: int, keep: Fraction, region: int, dt
     """
     k = len(keys)
     bits, threshold, rest = keep_plan(keep)
-    if bits < 8:  # a byte holds 8 // bits fields: one table lookup gives all of them
+    if bits <= 8:  # a byte holds 8 // bits fields: one table lookup gives all of them
         n = -(-m * bits // 32)
         octets = tf.reshape(tf.bitcast(_words(keys, n, region), tf.uint8), [k, 4 * n])
-        table = tf.constant(_field_table(bits, threshold), dtype=dtype)
+        table = tf.constant(_field_table(bits, threshold), dtype=itype)
         flat = tf.reshape(tf.gather(table, tf.cast(octets, tf.int32)), [k, 32 * n // bits])
-    elif bits == 8:
-        n = -(-m // 4)
-        octets = tf.reshape(tf.bitcast(_words(keys, n, region), tf.uint8), [k, 4 * n])
-        flat = tf.cast(octets < tf.constant(threshold, tf.uint8), dtype)
     else:
         n = -(-m // 2)
         fields = tf.reshape(tf.bitcast(_words(keys, n, region), tf.uint16), [k, 2 * n])
@@ -354,8 +354,16 @@ def keep_mask(keys: Sequence[tf.Tensor], m: int, keep: Fraction, region: int, dt
         below = fields < tf.constant(threshold, tf.uint16)
         if rest:
             below = _resolve_ties(below, tf.equal(fields, tf.constant(threshold, tf.uint16)), keys, rest, region)
-        flat = tf.cast(below, dtype)
+        flat = tf.where(below, tf.constant(-1, itype), tf.constant(0, itype))
     return flat if int(flat.shape[1]) == m else flat[:, :m]
+
+
+def keep_mask(keys: Sequence[tf.Tensor], m: int, keep: Fraction, region: int, dtype: Any = tf.float32) -> tf.Tensor:
+    """:func:`keep_bits` as 0/1 values in ``dtype``, shape ``(k, m)``."""
+    return tf.cast(tf.not_equal(keep_bits(keys, m, keep, region), 0), dtype)
+
+
+_INT_OF = {2: tf.int16, 4: tf.int32, 8: tf.int64}
 
 
 def _noise_shape(layer: Any, per_sample: tuple[int, ...]) -> tuple[int, ...]:
@@ -407,9 +415,10 @@ def fast_dropout(x: tf.Tensor, layer: Any, keys: Sequence[tf.Tensor] | None, cop
                  region: int) -> tuple[tf.Tensor, bool]:
     """``layer(x, training=True)`` for ``copies`` samples at once, sample ``j``'s mask from ``keys[j]``.
 
-    Same values as Keras' dropout where the input is finite (``where(U >= rate, x * scale, 0)`` with
-    ``scale = 1 / (1 - rate)``) and the same distribution of masks (Bernoulli(1 - rate) per noise-shape
-    element, exact: :func:`keep_mask`); a dropped non-finite input gives NaN here instead of 0.
+    The same values as Keras' dropout (``where(U >= rate, x * scale, 0)`` with ``scale = 1 / (1 - rate)``:
+    kept elements are ``x * scale`` bit for bit, dropped ones +0.0, applied as an AND of the float's bits)
+    and the same distribution of masks (Bernoulli(1 - rate) per noise-shape element, exact:
+    :func:`keep_bits`).
 
     Shape:
         x: ``(N, ...)`` when ``broadcast`` (the same rows for every copy: the mask is broadcast against them
@@ -427,10 +436,11 @@ def fast_dropout(x: tf.Tensor, layer: Any, keys: Sequence[tf.Tensor] | None, cop
         return _record(tf.zeros((copies * rows,) + per_sample[1:], x.dtype)), False
     noise = _noise_shape(layer, per_sample)
     keep = 1 - Fraction(layer.rate)  # the exact probability of Keras' U >= rate
-    mask = tf.reshape(keep_mask(keys, math.prod(noise), keep, region, x.dtype), (copies,) + noise)
-    scaled = x * tf.constant(1 / (1 - layer.rate), x.dtype)  # as Keras: x * scale, then select
-    out = (scaled[None] if broadcast else tf.reshape(scaled, (copies,) + per_sample)) * mask
-    return _record(tf.reshape(out, (copies * rows,) + per_sample[1:])), False
+    itype = _INT_OF[x.dtype.size]
+    mask = tf.reshape(keep_bits(keys, math.prod(noise), keep, region, itype), (copies,) + noise)
+    scaled = tf.bitcast(x * tf.constant(1 / (1 - layer.rate), x.dtype), itype)  # as Keras: x * scale, then select
+    out = tf.bitwise.bitwise_and(scaled[None] if broadcast else tf.reshape(scaled, (copies,) + per_sample), mask)
+    return _record(tf.bitcast(tf.reshape(out, (copies * rows,) + per_sample[1:]), x.dtype)), False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -579,6 +589,7 @@ class KerasSplit:
         #: Some dropout draws from Keras seed generators (a shared state), not from the per-sample keys.
         self.native_rng = bool(self.native_reasons)
         self._prefix_fn = tf.function(self._run_prefix, reduce_retracing=True)
+        self._prefix_concrete: dict[Hashable, Callable] = {}
         self._suffix_fns: dict[tuple[bool, ...], Callable] = {}
         self._sample_fns: dict[Hashable, Callable] = {}
         self._validated: dict[Hashable, str | None] = {}
@@ -670,15 +681,20 @@ class KerasSplit:
             frontier: list of ``(N, *frontier_shape_i)`` (:meth:`prefix`; ``broadcast``) or of
             ``(k * N, ...)`` stacked copies; keys: ``(k, 1)`` uint64 (:func:`sample_keys`) -> ``(k * N, *out)``.
         """
+        frontier = list(frontier)
+        if tf.config.functions_run_eagerly():  # e.g. metering: run the Python
+            return self._run_fast(frontier, keys, broadcast=broadcast)
         state = (int(keys.shape[0]), broadcast, _dropout_patch_state(self.dropout_layers),
-                 tuple(_fast_signature(layer) for layer in self._fast.values()))
-        function = self._sample_fns.get(state)
-        if function is None:
+                 tuple(_fast_signature(layer) for layer in self._fast.values()),
+                 tuple((tuple(f.shape), f.dtype) for f in frontier))
+        concrete = self._sample_fns.get(state)
+        if concrete is None:  # a concrete function: no signature matching on every block (~60 us)
             with self._lock:
-                function = self._sample_fns.setdefault(
-                    state, tf.function(functools.partial(self._run_fast, broadcast=broadcast))
-                )
-        return function(list(frontier), keys)
+                concrete = self._sample_fns.get(state)
+                if concrete is None:
+                    function = tf.function(lambda frontier, keys: self._run_fast(frontier, keys, broadcast=broadcast))
+                    concrete = self._sample_fns[state] = function.get_concrete_function(frontier, keys)
+        return concrete(frontier, keys)
 
     def prefix(self, x: Any) -> list[tf.Tensor]:
         """The frontier for inputs ``x`` (the model's input structure, ``N`` rows): deterministic, inference mode.
@@ -686,7 +702,13 @@ class KerasSplit:
         Shape:
             x: ``(N, *input_shape)`` -> a list of ``(N, *frontier_shape_i)`` tensors.
         """
-        return list(self._prefix_fn(x))
+        if not tf.is_tensor(x) or tf.config.functions_run_eagerly():
+            return list(self._prefix_fn(x))
+        signature = (tuple(x.shape), x.dtype)
+        concrete = self._prefix_concrete.get(signature)
+        if concrete is None:  # as in sample(): skip the per-call signature matching
+            concrete = self._prefix_concrete.setdefault(signature, self._prefix_fn.get_concrete_function(x))
+        return list(concrete(x))
 
     def suffix(self, frontier: Sequence[tf.Tensor]) -> Any:
         """Run the stochastic part on frontier tensors of ``k * N`` rows (``k`` stacked copies of :meth:`prefix`).

@@ -117,6 +117,18 @@ def test_dropout_values_are_x_times_scale_or_zero_and_broadcasting_changes_nothi
     np.testing.assert_array_equal(out, run_fast(layer, x, range(4), broadcast=False))
 
 
+@pytest.mark.parametrize("dtype", ("float32", "float16", "float64"))
+def test_dropped_elements_are_exactly_zero_even_for_non_finite_inputs(dtype):
+    """As Keras' where(keep, x * scale, 0): a dropped inf or NaN gives +0.0 (an AND of the bits, no multiply)."""
+    x = np.full((2, 300), np.inf, dtype)
+    x[:, ::2] = np.nan
+    out = run_fast(L.Dropout(0.5, dtype=dtype), x, range(3))
+    assert out.dtype == dtype
+    dropped = (out == 0)
+    assert 0.3 < dropped.mean() < 0.7 and not np.signbit(out[dropped]).any()
+    assert np.isnan(out[:, :, ::2][~dropped[:, :, ::2]]).all() and np.isinf(out[:, :, 1::2][~dropped[:, :, 1::2]]).all()
+
+
 def test_noise_shape_shares_the_mask_along_its_unit_axes():
     x = np.ones((4, 5, 300), np.float32)
     out = run_fast(L.Dropout(0.5, noise_shape=(None, 1, 300)), x, range(3))
