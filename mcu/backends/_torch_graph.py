@@ -294,6 +294,11 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...]) -> TorchSplit:
             else:
                 native = True
                 env2[node] = suffix.call_function(_native_dropout, (env2[source], module, generator, copies))
+        elif node in env2:
+            continue  # a BatchNorm already fused into the convolution before it
+        elif (bn := _folds_into(node, modules)) is not None:
+            args = (env2[node.args[0]], suffix.get_attr(node.target), suffix.get_attr(bn.target))
+            env2[node] = env2[bn] = suffix.call_function(conv_bn, args)
         else:
             env2[node] = suffix.node_copy(node, lambda n: env2[n])
     n_pre = sum(1 for n in graph.nodes if n not in stochastic and n.op not in ("placeholder", "output"))
@@ -301,6 +306,39 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...]) -> TorchSplit:
     return TorchSplit(
         torch.fx.GraphModule(traced, prefix), torch.fx.GraphModule(traced, suffix), n_pre, n_suf, native
     )
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _folds_into(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.Node | None:
+    """The BatchNorm node that ``node`` (a convolution) feeds and nothing else reads, if any."""
+    if node.op != "call_module" or not isinstance(modules.get(node.target), _CONVS) or len(node.users) != 1:
+        return None
+    (user,) = node.users
+    ok = (user.op == "call_module" and isinstance(modules.get(user.target), _NORMS) and len(user.args) == 1
+          and not user.kwargs and len(node.args) == 1 and not node.kwargs)
+    return user if ok else None
+
+
+def conv_bn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
+    """``bn(conv(x))`` for an inference-mode BatchNorm as one convolution with folded weights (one pass over
+    the activations instead of two; the same function up to rounding). Folded from the live parameters on
+    every call, so nothing is cached or changed. A BatchNorm in training mode (or without running statistics)
+    runs as it is."""
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        return bn(conv(x))
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    weight = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1))
+    return conv._conv_forward(x, weight, shift)
 
 
 def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor) -> None:

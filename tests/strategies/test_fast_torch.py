@@ -295,3 +295,36 @@ def test_explicit_strategies_stay_within_the_memory_budget(strategy):
     assert info.details["copies_per_pass"] > 1  # a raised budget allows more
     _, info = mcu.sample(model, x, 50, strategy=strategy, max_memory=200_000, chunk_size=640, return_info=True)
     assert info.details["copies_per_pass"] == 10  # an explicit chunk_size is the caller's choice
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (False, False), (True, False)])
+def test_conv_bn_folding_matches_the_two_modules(affine, bias):
+    from mcu.backends._torch_graph import conv_bn
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=bias)
+    bn = nn.BatchNorm2d(5, affine=affine)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    if affine:
+        nn.init.uniform_(bn.weight, 0.5, 2)
+        nn.init.uniform_(bn.bias, -1, 1)
+    conv.eval(), bn.eval()
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)), rtol=1e-5, atol=1e-5)
+        bn.train()  # batch statistics: not foldable, runs as it is
+        torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)))
+
+
+def test_the_suffix_folds_batchnorm_into_the_convolution_before_it():
+    model = _models.zoo("torch").cnn()  # with BatchNorm running statistics as after training
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    split, why = _split(model, x)
+    assert split is not None, why
+    assert "conv_bn" in split.suffix_module.code
+    model.eval()  # dropout inactive: the folded suffix must reproduce the model, on each stacked copy
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x))
+        out = split.suffix(split.prefix(torch.from_numpy(x)), None, copies=2)
+    torch.testing.assert_close(out, torch.cat([expected, expected]), rtol=1e-5, atol=1e-5)
