@@ -51,6 +51,7 @@ from keras import tree
 __all__ = [
     "DROPOUT_TYPES",
     "FAST_TYPES",
+    "activation_bytes",
     "KerasSplit",
     "Unsplittable",
     "bf16_clone",
@@ -451,7 +452,7 @@ _METER = threading.local()
 
 
 def _record(t: Any) -> Any:
-    """Add ``t``'s bytes to the active meter of this thread (eager tensors only); returns ``t``."""
+    """Add ``t``'s bytes to the active meter of this thread (if its shape is static); returns ``t``."""
     meter = getattr(_METER, "value", None)
     if meter is not None and tf.is_tensor(t) and t.shape.is_fully_defined():
         meter[0] += t.shape.num_elements() * t.dtype.size
@@ -473,10 +474,11 @@ def metering(model: Any) -> Iterator[list[int]]:
     """Inside the block, count the bytes of every leaf layer output of ``model`` and of the fast suffix's
     masked and repeated tensors; yields ``[bytes]``.
 
-    Functions run eagerly meanwhile (``tf.config.run_functions_eagerly``, process-wide, restored on exit) so
-    that the layers' Python runs and sees concrete shapes; each leaf layer gets an instance-level ``call``
-    wrapper, removed on exit (the layer's previous ``__dict__`` entry, e.g. MC mode's patch, is put back).
-    Traced functions are untouched: nothing is retraced because of the measurement.
+    Meant for :func:`activation_bytes`, which *traces* the pass instead of running it. tf.functions
+    run their Python meanwhile (``tf.config.run_functions_eagerly``, process-wide, restored on exit), so the
+    layers are seen with static shapes; each leaf layer gets an instance-level ``call`` wrapper, removed on
+    exit (the layer's previous ``__dict__`` entry, e.g. MC mode's patch, is put back). The functions traced
+    before are untouched: nothing is retraced because of the measurement.
     """
     leaves = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
               if next(iter(layer._flatten_layers(include_self=False, recursive=False)), None) is None]
@@ -500,6 +502,17 @@ def metering(model: Any) -> Iterator[list[int]]:
             else:
                 layer.call = original
 
+
+
+def activation_bytes(model: Any, run: Callable[[], Any]) -> int:
+    """Bytes of the leaf-layer outputs (and fast-dropout / repeated tensors) of ``run()``, from static shapes.
+
+    ``run`` is traced into a throwaway graph and never executed: no activation memory is allocated (an eager
+    pass would peak at about its activations) and no random state moves.
+    """
+    with metering(model) as meter:
+        tf.function(lambda: (run(), None)[1], autograph=False).get_concrete_function()
+    return meter[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -734,17 +747,23 @@ class KerasSplit:
     def validate(self, x: Any, copies: int = 2) -> str | None:
         """Check the split on ``x``: ``None`` if it reproduces the model, else the reason it does not.
 
-        Runs ``model(x, training=False)`` and ``suffix(copies × prefix(x))`` with every dropout layer inactive
+        Runs ``model(x, training=False)`` and ``copies`` copies through the suffix (the fast executor of
+        :meth:`sample` when some dropout has a fast path, else :meth:`suffix`) with every dropout layer inactive
         (also inside ``mc_mode``: its patches are lifted for the check) and compares each copy with the model's
         output (rtol 1e-4 in fp32, 2e-2 in 16-bit). Catches operations in the suffix that depend on the batch
-        size. Cached per input shapes and dtypes; the seed state is untouched (inactive dropout draws nothing).
+        size. Runs on the first ``min(N, 3)`` rows only (the reference pass is eager: its memory peak grows
+        with the rows). Cached per per-example input shapes, dtypes and rows used; the seed state is untouched
+        (inactive dropout draws nothing).
         """
         flat = [tf.convert_to_tensor(t) for t in tree.flatten(x)]
-        signature = tuple((tuple(t.shape), t.dtype.name) for t in flat) + (copies,)
+        n = min(int(flat[0].shape[0]), 3)
+        signature = tuple((tuple(t.shape[1:]), t.dtype.name) for t in flat) + (n, copies)
         if signature in self._validated:
             return self._validated[signature]
+        if int(flat[0].shape[0]) != n:
+            x = tree.pack_sequence_as(x, [t[:n] for t in flat])
+            flat = tree.flatten(x)
         model = self._model_or_raise()
-        n = int(flat[0].shape[0])
         try:
             with _dropout_inactive(self.dropout_layers):
                 reference = [_host(t) for t in tree.flatten(model(x, training=False))]
@@ -752,10 +771,11 @@ class KerasSplit:
                 bad = [tuple(f.shape) for f in frontier if len(f.shape) == 0 or int(f.shape[0]) != n]
                 if bad:
                     raise Unsplittable(f"frontier tensors without the batch axis of {n} rows: {bad}")
-                outs = [self.suffix([tf.tile(f, [copies] + [1] * (len(f.shape) - 1)) for f in frontier])]
-                if self._fast:  # the fast executor too: broadcast frontier, fast dropouts inactive
-                    run = tf.function(functools.partial(self._run_fast, keys=None, copies=copies, broadcast=True))
-                    outs.append(run(list(frontier)))
+                if self._fast:  # what sampling runs: the fast executor (broadcast frontier, dropouts inactive),
+                    # eagerly: a throwaway trace would cost graph memory for nothing
+                    outs = [self._run_fast(list(frontier), None, copies=copies, broadcast=True)]
+                else:
+                    outs = [self.suffix([tf.tile(f, [copies] + [1] * (len(f.shape) - 1)) for f in frontier])]
             reason = None
             for out in outs:
                 for (ref, tol), (val, _) in zip(reference, [_host(t) for t in tree.flatten(out)]):

@@ -252,14 +252,12 @@ class KerasBackend:
 
     def activation_bytes(self, run: Callable[[], Any]) -> int | None:
         """Bytes of all leaf-layer outputs produced by ``run()`` (plus the fast suffix's masked and repeated
-        tensors): a rough per-pass memory estimate. ``run`` executes once eagerly (see
-        :func:`_keras_graph.metering`); call inside :meth:`mc_mode`, whose model is metered."""
+        tensors): a rough per-pass memory estimate from static shapes. ``run`` is traced, not executed (see
+        :func:`_keras_graph.activation_bytes`); call inside :meth:`mc_mode`, whose model is metered."""
         model = getattr(self._mode, "model", None)
         if model is None:
             return None
-        with _keras_graph.metering(model) as meter:
-            run()
-        return meter[0] or None
+        return _keras_graph.activation_bytes(model, run) or None
 
     def nbytes(self, t: tf.Tensor) -> int:
         return int(tf.size(t)) * t.dtype.size

@@ -269,9 +269,12 @@ def test_activation_bytes_counts_layer_outputs_and_leaves_no_trace():
     x = tf.constant(np.ones((64, 784), np.float32))
     backend = KerasBackend()
     assert backend.activation_bytes(lambda: None) is None  # outside mc_mode: no model to meter
+    state = model.layers[1].seed_generator.state
     with backend.mc_mode(model):
         backend.forward(model, x)  # traced before: metering must run the Python anyway
+        before = state.numpy().copy()
         full = backend.activation_bytes(lambda: backend.forward(model, x))
+        np.testing.assert_array_equal(state.numpy(), before)  # traced, not run: no random numbers drawn
         split, _ = backend.split(model, x)
         frontier = split.prefix(x)
         suffix = backend.activation_bytes(lambda: split.suffix(frontier, backend.generators(model, [0, 1])))
