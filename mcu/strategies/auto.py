@@ -112,15 +112,26 @@ def _max_copies(plan: Plan, budget: int, per_copy: int | None, n_samples: int) -
     return max(1, min(n_samples, budget // max(per_copy, 1)))
 
 
+#: Timed repeats per probed configuration (the fastest counts: interference from other processes only ever
+#: makes a run slower), and the time after which a configuration is not repeated.
+PROBE_REPEATS, PROBE_SECONDS = 3, 0.05
+
+
 def _time_per_sample(strategy: Any, plan: Plan, copies: int) -> float:
     plan.copies = copies
     n = copies * (plan.workers or 2) if strategy.name == "parallel" else copies
     for _ in strategy.draw(plan, n):  # warm-up (graph tracing, allocator)
         pass
-    start = time.perf_counter()
-    for _ in strategy.draw(plan, n):
-        pass
-    return (time.perf_counter() - start) / n
+    best, spent = float("inf"), 0.0
+    for _ in range(PROBE_REPEATS):
+        start = time.perf_counter()
+        for _ in strategy.draw(plan, n):
+            pass
+        seconds = time.perf_counter() - start
+        best, spent = min(best, seconds), spent + seconds
+        if spent > PROBE_SECONDS:
+            break
+    return best / n
 
 
 def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int]]:
@@ -159,13 +170,15 @@ def _probe(plan: Plan, n_samples: int) -> tuple[Any, int, str]:
         timings["loop"] = _time_per_sample(LoopStrategy(), plan, 1)
         best = (timings["loop"], LoopStrategy(), 1)
     for strategy, limit in families:
-        previous = float("inf")
-        for copies in (c for c in _COPIES if c <= limit):
+        previous, worse = float("inf"), 0
+        # powers of two, and the limit itself (all samples in one pass when the budget allows it)
+        for copies in sorted({c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())):
             seconds = _time_per_sample(strategy, plan, copies)
             timings[f"{strategy.name}x{copies}"] = seconds
             if seconds < best[0]:
                 best = (seconds, strategy, copies)
-            if seconds > 1.2 * previous:  # past the sweet spot (cache effects): stop growing
+            worse = worse + 1 if seconds > 1.2 * previous else 0
+            if worse == 2:  # twice past the family's best (cache effects, not one noisy run): stop growing
                 break
             previous = min(previous, seconds)
     seconds, strategy, copies = best
