@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,18 @@ def test_bf16_precision_runs_and_returns_float32():
     model = _models.zoo("torch").mlp()
     out = mcu.sample(model, np.ones((2, 784), np.float32), 3, precision="bf16", seed=0)
     assert out.dtype == np.float32 and out.shape == (3, 2, 10)
+
+
+def test_a_torchscript_model_gets_its_dropout_switched_on(tmp_path):
+    nn = torch.nn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated, still in use
+        torch.jit.script(nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 2))).save(tmp_path / "m.pt")
+    model = torch.jit.load(tmp_path / "m.pt")  # as the Ray engine loads a TorchScript file
+    model.eval()
+    x = np.ones((3, 4), np.float32)
+    samples, info = mcu.sample(model, x, 30, seed=0, return_info=True)
+    assert samples.std(0).min() > 0  # stochastic: dropout is on
+    assert not model.training and not any(m.training for m in model.modules())  # restored
+    eval_out = model(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(samples.mean(0) - eval_out).max() < 1.0  # same model, MC mean near the deterministic pass
