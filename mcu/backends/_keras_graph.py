@@ -52,6 +52,7 @@ __all__ = [
     "DROPOUT_TYPES",
     "FAST_TYPES",
     "activation_bytes",
+    "bits_from_words",
     "KerasSplit",
     "Unsplittable",
     "bf16_clone",
@@ -60,6 +61,7 @@ __all__ = [
     "keep_bits",
     "keep_mask",
     "keep_plan",
+    "words_needed",
     "metering",
     "prefix_split",
     "sample_keys",
@@ -249,7 +251,8 @@ FAST_TYPES: tuple[type, ...] = (
 )
 _SPATIAL_RANK = {keras.layers.SpatialDropout1D: 3, keras.layers.SpatialDropout2D: 4, keras.layers.SpatialDropout3D: 5}
 _PHILOX = 1  # tf.random.Algorithm.PHILOX
-_REGIONS = 4  # Philox counter blocks per dropout call: first-stage words, tie pool, tie overflow (one spare)
+_REGIONS = 4  # Philox counter blocks per dropout call (block 0: the words of all fast dropouts of a sample;
+#               4 * i + 2: tie overflow of suffix step i)
 _TIE_BITS = 16
 
 
@@ -297,24 +300,35 @@ def _field_table(bits: int, threshold: int) -> np.ndarray:
     return -(fields < threshold).astype(np.int64)
 
 
-def _resolve_ties(below: tf.Tensor, ties: tf.Tensor, keys: Sequence[tf.Tensor], rest: int, region: int) -> tf.Tensor:
-    """Settle the 16-bit ties of :func:`keep_mask` with two more uniform 32-bit words each (exact).
+def _pool_size(m: int) -> int:
+    """Word pairs per sample reserved for ties: far above the expected ``m / 65536`` ties."""
+    return 2 * -(-m // (1 << _TIE_BITS)) + 16
 
-    The ``r``-th tie of sample ``j`` (row-major order) takes word pair ``r`` of a per-sample pool (Philox
-    block ``region + 1``), sized far above the expected ``m / 65536`` ties; a tie beyond the pool takes the
-    pair at its own position from block ``region + 2`` (never seen in practice, but exact). Either way the
-    words depend only on the sample's key and its tie positions, so grouping into passes does not matter.
+
+def words_needed(m: int, keep: Fraction) -> int:
+    """Philox words one sample's draw of ``m`` elements takes (first-stage fields, then the tie pool)."""
+    bits, _, rest = keep_plan(keep)
+    first = -(-m * bits // 32) if bits <= 8 else -(-m // 2)
+    return first + (2 * _pool_size(m) if rest else 0)
+
+
+def _resolve_ties(below: tf.Tensor, ties: tf.Tensor, pool: tf.Tensor, keys: Sequence[tf.Tensor], rest: int,
+                  region: int) -> tf.Tensor:
+    """Settle the 16-bit ties of :func:`keep_bits` with two more uniform 32-bit words each (exact).
+
+    The ``r``-th tie of sample ``j`` (row-major order) takes word pair ``r`` of its ``pool`` (``(k, P, 2)``,
+    drawn with the first-stage words); a tie beyond the pool takes the pair at its own position from Philox
+    block ``region + 2`` (never seen in practice, but exact). Either way the words depend only on the sample's
+    key and its tie positions, so grouping into passes does not matter.
     """
-    k, m = len(keys), int(below.shape[1])
+    k, m, pool_size = len(keys), int(below.shape[1]), int(pool.shape[1])
     mid, low = rest >> 32, rest & 0xFFFFFFFF
-    pool_size = 2 * -(-m // (1 << _TIE_BITS)) + 16
 
     def resolve() -> tf.Tensor:
         where = tf.where(ties)  # (T, 2) int64, row-major: sample, position
         rows = where[:, 0]
         order = tf.range(tf.shape(where, out_type=tf.int64)[0])
         rank = order - tf.gather(tf.math.unsorted_segment_min(order, rows, k), rows)
-        pool = tf.reshape(_words(keys, 2 * pool_size, region + 1), [k, pool_size, 2])
         words = tf.gather_nd(pool, tf.stack([rows, tf.minimum(rank, pool_size - 1)], axis=1))
         spill = rank >= pool_size
         words = tf.cond(
@@ -331,6 +345,32 @@ def _resolve_ties(below: tf.Tensor, ties: tf.Tensor, keys: Sequence[tf.Tensor], 
     return tf.cond(tf.reduce_any(ties), resolve, lambda: below)
 
 
+def bits_from_words(words: tf.Tensor, keys: Sequence[tf.Tensor], m: int, keep: Fraction, region: int,
+                    itype: Any = tf.int32) -> tf.Tensor:
+    """:func:`keep_bits` from already drawn words: ``words`` is ``(k, words_needed(m, keep))`` uint32, row ``j``
+    from sample ``j``'s stream."""
+    k = len(keys)
+    bits, threshold, rest = keep_plan(keep)
+    if int(words.shape[1]) != words_needed(m, keep):
+        raise ValueError(f"expected {words_needed(m, keep)} words per sample for {m} draws, got {words.shape[1]}")
+    if bits <= 8:  # a byte holds 8 // bits fields: one table lookup gives all of them
+        n = -(-m * bits // 32)
+        octets = tf.reshape(tf.bitcast(words, tf.uint8), [k, 4 * n])
+        table = tf.constant(_field_table(bits, threshold), dtype=itype)
+        flat = tf.reshape(tf.gather(table, tf.cast(octets, tf.int32)), [k, 32 * n // bits])
+    else:
+        n = -(-m // 2)
+        fields = tf.reshape(tf.bitcast(words[:, :n] if rest else words, tf.uint16), [k, 2 * n])
+        if 2 * n != m:
+            fields = fields[:, :m]
+        below = fields < tf.constant(threshold, tf.uint16)
+        if rest:
+            pool = tf.reshape(words[:, n:], [k, _pool_size(m), 2])
+            below = _resolve_ties(below, tf.equal(fields, tf.constant(threshold, tf.uint16)), pool, keys, rest, region)
+        flat = tf.where(below, tf.constant(-1, itype), tf.constant(0, itype))
+    return flat if int(flat.shape[1]) == m else flat[:, :m]
+
+
 def keep_bits(keys: Sequence[tf.Tensor], m: int, keep: Fraction, region: int, itype: Any = tf.int32) -> tf.Tensor:
     """``(k, m)`` independent Bernoulli(``keep``) draws in the integer type ``itype``: all bits set (-1) for a
     kept element, 0 for a dropped one (an AND mask for a float of the same width). Row ``j`` comes from
@@ -338,25 +378,10 @@ def keep_bits(keys: Sequence[tf.Tensor], m: int, keep: Fraction, region: int, it
 
     Exact in distribution (see :func:`keep_plan`): ``bits`` random bits per element instead of a float32
     uniform — 1/32 of a Philox word per element at keep 0.5, 1/16 at 0.75, 1/2 for a non-dyadic keep.
-    ``region`` (a multiple of 4) tells apart the draws of different dropout calls of one sample.
+    Words from Philox block ``region`` (ties beyond the pool: ``region + 2``); the fast suffix instead draws
+    the words of all its dropout calls at once (:func:`bits_from_words`).
     """
-    k = len(keys)
-    bits, threshold, rest = keep_plan(keep)
-    if bits <= 8:  # a byte holds 8 // bits fields: one table lookup gives all of them
-        n = -(-m * bits // 32)
-        octets = tf.reshape(tf.bitcast(_words(keys, n, region), tf.uint8), [k, 4 * n])
-        table = tf.constant(_field_table(bits, threshold), dtype=itype)
-        flat = tf.reshape(tf.gather(table, tf.cast(octets, tf.int32)), [k, 32 * n // bits])
-    else:
-        n = -(-m // 2)
-        fields = tf.reshape(tf.bitcast(_words(keys, n, region), tf.uint16), [k, 2 * n])
-        if 2 * n != m:
-            fields = fields[:, :m]
-        below = fields < tf.constant(threshold, tf.uint16)
-        if rest:
-            below = _resolve_ties(below, tf.equal(fields, tf.constant(threshold, tf.uint16)), keys, rest, region)
-        flat = tf.where(below, tf.constant(-1, itype), tf.constant(0, itype))
-    return flat if int(flat.shape[1]) == m else flat[:, :m]
+    return bits_from_words(_words(keys, words_needed(m, keep), region), keys, m, keep, region, itype)
 
 
 def keep_mask(keys: Sequence[tf.Tensor], m: int, keep: Fraction, region: int, dtype: Any = tf.float32) -> tf.Tensor:
@@ -391,12 +416,12 @@ def fast_problem(step: "_Step") -> str | None:
     shape, dtype = tuple(spec.shape), keras.backend.standardize_dtype(spec.dtype)
     if "float" not in dtype:
         return f"{op.name}: input dtype {dtype}"
+    if len(shape) < 2 or any(d is None for d in shape[1:]):
+        return f"{op.name}: input shape {shape} not static"
     if type(op) in _SPATIAL_RANK:
         if len(shape) != _SPATIAL_RANK[type(op)] or (type(op) is not keras.layers.SpatialDropout1D
                                                      and op.data_format not in ("channels_last", "channels_first")):
             return f"{op.name}: {len(shape)}-D input"
-        if any(d is None for d in shape[1:]):
-            return f"{op.name}: input shape {shape} not static"
     elif op.noise_shape is not None:
         noise = tuple(op.noise_shape)
         if len(noise) != len(shape) or noise[0] not in (None, 1) or any(
@@ -413,7 +438,7 @@ def _fast_signature(layer: Any) -> tuple:
 
 
 def fast_dropout(x: tf.Tensor, layer: Any, keys: Sequence[tf.Tensor] | None, copies: int, broadcast: bool,
-                 region: int) -> tuple[tf.Tensor, bool]:
+                 region: int, words: tf.Tensor | None = None) -> tuple[tf.Tensor, bool]:
     """``layer(x, training=True)`` for ``copies`` samples at once, sample ``j``'s mask from ``keys[j]``.
 
     The same values as Keras' dropout (``where(U >= rate, x * scale, 0)`` with ``scale = 1 / (1 - rate)``:
@@ -425,7 +450,8 @@ def fast_dropout(x: tf.Tensor, layer: Any, keys: Sequence[tf.Tensor] | None, cop
         x: ``(N, ...)`` when ``broadcast`` (the same rows for every copy: the mask is broadcast against them
         instead of materialising ``copies`` copies), else ``(copies * N, ...)``. Returns ``(out, broadcast)``:
         ``(copies * N, ...)`` and False, or ``x`` itself (and ``broadcast`` unchanged) when dropout is
-        inactive (``keys is None``) or the rate is 0.
+        inactive (``keys is None``) or the rate is 0. ``words``: this call's ``(copies, words_needed(...))``
+        slice of the samples' streams (else drawn from Philox block ``region``).
     """
     if layer._convert_input_args:  # what Layer.__call__ does first (mixed precision: cast to compute dtype)
         x = layer.dtype_policy.convert_input(x, layer.autocast, layer.input_dtype)
@@ -438,7 +464,10 @@ def fast_dropout(x: tf.Tensor, layer: Any, keys: Sequence[tf.Tensor] | None, cop
     noise = _noise_shape(layer, per_sample)
     keep = 1 - Fraction(layer.rate)  # the exact probability of Keras' U >= rate
     itype = _INT_OF[x.dtype.size]
-    mask = tf.reshape(keep_bits(keys, math.prod(noise), keep, region, itype), (copies,) + noise)
+    m = math.prod(noise)
+    bits = keep_bits(keys, m, keep, region, itype) if words is None else bits_from_words(
+        words, keys, m, keep, region, itype)
+    mask = tf.reshape(bits, (copies,) + noise)
     scaled = tf.bitcast(x * tf.constant(1 / (1 - layer.rate), x.dtype), itype)  # as Keras: x * scale, then select
     out = tf.bitwise.bitwise_and(scaled[None] if broadcast else tf.reshape(scaled, (copies,) + per_sample), mask)
     return _record(tf.bitcast(tf.reshape(out, (copies * rows,) + per_sample[1:]), x.dtype)), False
@@ -659,6 +688,18 @@ class KerasSplit:
         model = self._model_or_raise()
         key_list = None if keys is None else tf.unstack(keys)
         copies = len(key_list) if key_list is not None else int(copies)
+        words = {}
+        if key_list is not None:  # one Philox call per sample for all fast dropouts (fewer ops per block)
+            rows = int(frontier[0].shape[0]) // (1 if broadcast else copies)
+            sizes = {}
+            for index, layer in self._fast.items():
+                if 0 < layer.rate < 1:
+                    per_sample = (rows,) + tuple(int(d) for d in self._suffix_steps[index].node.input_tensors[0].shape[1:])
+                    sizes[index] = words_needed(math.prod(_noise_shape(layer, per_sample)), 1 - Fraction(layer.rate))
+            if sizes:
+                drawn, start = _words(key_list, sum(sizes.values()), 0), 0
+                for index, size in sizes.items():
+                    words[index], start = drawn[:, start:start + size], start + size
         with _as_model_call(model):
             env = dict(zip(self._frontier, frontier))
             lazy = set(self._frontier) if broadcast else set()
@@ -676,7 +717,8 @@ class KerasSplit:
                     env.update(zip(step.writes, step.run([full(key) for key in step.reads])))
                     continue
                 (read,), (write,) = step.reads, step.writes
-                env[write], still = fast_dropout(env[read], layer, key_list, copies, read in lazy, _REGIONS * index)
+                env[write], still = fast_dropout(env[read], layer, key_list, copies, read in lazy, _REGIONS * index,
+                                                 words.get(index))
                 if still:
                     lazy.add(write)
             values = [full(key) for key in self._output_keys]

@@ -86,13 +86,14 @@ def test_ties_are_resolved_with_the_remaining_bits_also_beyond_the_pool():
     m, rows = 3000, 4
     below = tf.zeros((rows, m), tf.bool)
     ties = tf.ones((rows, m), tf.bool)
-    out = kg._resolve_ties(below, ties, keys(*range(rows)), rest, region=0).numpy()
+    pool = lambda seeds: tf.reshape(kg._words(keys(*seeds), 2 * kg._pool_size(m), 1), [len(seeds), -1, 2])  # noqa: E731
+    out = kg._resolve_ties(below, ties, pool(range(rows)), keys(*range(rows)), rest, region=0).numpy()
     assert abs(z_score(out.sum(), out.size, p)) < 4.5
-    alone = kg._resolve_ties(below[:1], ties[:1], keys(2), rest, region=0).numpy()
+    alone = kg._resolve_ties(below[:1], ties[:1], pool([2]), keys(2), rest, region=0).numpy()
     np.testing.assert_array_equal(out[2], alone[0])
     partial = np.zeros((1, m), bool)
     partial[0, ::7] = True  # fewer ties: the pool only
-    few = kg._resolve_ties(below[:1], tf.constant(partial), keys(1), rest, region=0).numpy()
+    few = kg._resolve_ties(below[:1], tf.constant(partial), pool([1]), keys(1), rest, region=0).numpy()
     assert not few[0, ~partial[0]].any()
 
 
