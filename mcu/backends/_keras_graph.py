@@ -28,6 +28,15 @@ Usage (what the backend / a "prefix" strategy calls)::
         rows = [backend.repeat(f, k) for f in frontier]
         out = split.suffix(rows)                # (k * N, *out): sample j is out[j * N:(j + 1) * N]
 
+**Fast exact masks.** :meth:`KerasSplit.sample` runs the suffix with ``Dropout`` and
+``SpatialDropout1D/2D/3D`` layers (exact classes, plain calls, static per-example shapes) replaced by
+:func:`fast_dropout`: sample ``j``'s masks come from its own Philox key (one stateless draw per sample per
+block), using only a few random bits per element (:func:`keep_plan`: 1 bit at rate 0.5, 2 at 0.25, 16 plus
+exact tie resolution for other rates) — exact Bernoulli(1 - rate) draws, Keras' ``noise_shape`` and
+``data_format`` broadcasting, Keras' output values. The frontier is passed unrepeated and the masks are
+broadcast against it; it is repeated only for a reader that is not a fast dropout. Other dropout kinds
+(GaussianDropout, AlphaDropout, dropout inside an opaque layer) run as layers: :attr:`KerasSplit.native_rng`.
+
 **bf16.** :func:`bf16_clone` builds a copy of a Functional/Sequential model under the ``"mixed_bfloat16"``
 dtype policy (weights copied, global policy restored), cached per model.
 """
@@ -331,12 +340,11 @@ def _resolve_ties(below: tf.Tensor, ties: tf.Tensor, pool: tf.Tensor, keys: Sequ
         rank = order - tf.gather(tf.math.unsorted_segment_min(order, rows, k), rows)
         words = tf.gather_nd(pool, tf.stack([rows, tf.minimum(rank, pool_size - 1)], axis=1))
         spill = rank >= pool_size
-        words = tf.cond(
-            tf.reduce_any(spill),
-            lambda: tf.where(spill[:, None], tf.gather_nd(tf.reshape(_words(keys, 2 * m, region + 2), [k, m, 2]), where),
-                             words),
-            lambda: words,
-        )
+        def overflow() -> tf.Tensor:
+            own = tf.gather_nd(tf.reshape(_words(keys, 2 * m, region + 2), [k, m, 2]), where)
+            return tf.where(spill[:, None], own, words)
+
+        words = tf.cond(tf.reduce_any(spill), overflow, lambda: words)
         first, second = words[:, 0], words[:, 1]
         kept = (first < tf.constant(mid, tf.uint32)) | (
             (first == tf.constant(mid, tf.uint32)) & (second < tf.constant(low, tf.uint32)))
@@ -694,7 +702,8 @@ class KerasSplit:
             sizes = {}
             for index, layer in self._fast.items():
                 if 0 < layer.rate < 1:
-                    per_sample = (rows,) + tuple(int(d) for d in self._suffix_steps[index].node.input_tensors[0].shape[1:])
+                    spec = self._suffix_steps[index].node.input_tensors[0]
+                    per_sample = (rows,) + tuple(int(d) for d in spec.shape[1:])
                     sizes[index] = words_needed(math.prod(_noise_shape(layer, per_sample)), 1 - Fraction(layer.rate))
             if sizes:
                 drawn, start = _words(key_list, sum(sizes.values()), 0), 0
@@ -827,7 +836,8 @@ class KerasSplit:
                     diff = np.abs(val.reshape((copies,) + ref.shape) - ref[None]) / (np.abs(ref[None]) + 1.0)
                     err = float(np.max(diff)) if diff.size else 0.0
                     if not np.isfinite(err) or err > tol:
-                        reason = f"split output differs from the full pass by {err:.3g} (> {tol:g}): batch-dependent op?"
+                        reason = (f"split output differs from the full pass by {err:.3g} (> {tol:g}): "
+                                  "batch-dependent op?")
                         break
                 if reason is not None:
                     break

@@ -5,6 +5,11 @@ How: inside :meth:`KerasBackend.mc_mode` each dropout layer gets an instance-lev
 ``training=True``, and the model is called with ``training=False``. The instance attribute is removed on exit,
 so the layer's class behaviour is untouched. Forward passes run through a ``tf.function`` cached per model.
 The dropout layers' seed-generator states are saved and restored, so sampling leaves no trace in the model.
+
+Prefix/parallel strategies run a split of Functional/Sequential models (:mod:`._keras_graph`) in which
+Dropout and SpatialDropout1D/2D/3D draw exact masks from one Philox stream per sample
+(:meth:`KerasBackend.generators`), so a seeded result does not depend on how samples are grouped into passes
+or threads; other dropout kinds keep drawing from their seed generators.
 """
 
 from __future__ import annotations
