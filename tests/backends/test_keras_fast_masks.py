@@ -204,6 +204,21 @@ def test_seeded_samples_do_not_depend_on_the_grouping():
     assert not np.allclose(mcu.sample(model, x, 11, strategy="prefix", seed=10), reference)
 
 
+def test_adapter_takes_the_unrepeated_frontier_or_stacked_copies_alike():
+    model, x = mixed_model(), image(3)
+    backend = KerasBackend()
+    with backend.mc_mode(model):
+        split, _ = backend.split(model, tf.constant(x))
+        frontier = split.prefix(tf.constant(x))
+        keys = backend.generators(model, [5, 6, 7, 8])
+        broadcast = split.suffix(frontier, keys)
+        stacked = split.suffix([backend.repeat(f, 4) for f in frontier], keys)
+        alone = split.suffix(frontier, backend.generators(model, [7]))
+    assert split.repeats_frontier and broadcast.shape == (12, 3)
+    np.testing.assert_array_equal(broadcast, stacked)
+    np.testing.assert_array_equal(broadcast[6:9], alone)
+
+
 def _distribution_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     z = (a.mean(0) - b.mean(0)) / np.sqrt(a.var(0, ddof=1) / len(a) + b.var(0, ddof=1) / len(b))
@@ -284,3 +299,15 @@ def test_activation_bytes_counts_layer_outputs_and_leaves_no_trace():
     assert suffix == 2 * 64 * (512 + 10) * 4  # the masked copies and the last Dense; the frontier is not repeated
     assert after.shape == (64, 10) and not tf.config.functions_run_eagerly()
     assert all("call" not in layer.__dict__ for layer in model._flatten_layers())
+
+
+def test_bf16_copy_draws_the_same_masks_as_fp32():
+    """The masks depend on the sample keys only, not on the dtype: bf16 differs from fp32 by rounding alone."""
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((20,)), L.Dense(64, activation="relu"), L.Dropout(0.3),
+                              L.Dense(32, activation="relu"), L.Dropout(0.5), L.Dense(3)])
+    x = np.random.default_rng(0).standard_normal((5, 20)).astype(np.float32)
+    low = mcu.sample(model, x, 50, precision="bf16", seed=1, strategy="prefix")
+    full = mcu.sample(model, x, 50, precision="fp32", seed=1, strategy="prefix")
+    other = mcu.sample(model, x, 50, precision="fp32", seed=2, strategy="prefix")
+    assert np.abs(low - full).max() < 0.1 < np.abs(other - full).max()
