@@ -638,7 +638,9 @@ class KerasSplit:
         self.native_reasons = [why for why in problems.values() if why is not None]
         #: Some dropout draws from Keras seed generators (a shared state), not from the per-sample keys.
         self.native_rng = bool(self.native_reasons)
-        self._prefix_fn = tf.function(self._run_prefix, reduce_retracing=True)
+        # autograph off, as in Keras' own predict/fit functions (its conversion of the executor and the Keras
+        # internals it calls cost ~5 MB and time on the first trace, for nothing: no tensor-dependent Python)
+        self._prefix_fn = tf.function(self._run_prefix, reduce_retracing=True, autograph=False)
         self._prefix_concrete: dict[Hashable, Callable] = {}
         self._suffix_fns: dict[tuple[bool, ...], Callable] = {}
         self._sample_fns: dict[Hashable, Callable] = {}
@@ -756,7 +758,8 @@ class KerasSplit:
             with self._lock:
                 concrete = self._sample_fns.get(state)
                 if concrete is None:
-                    function = tf.function(lambda frontier, keys: self._run_fast(frontier, keys, broadcast=broadcast))
+                    function = tf.function(lambda frontier, keys: self._run_fast(frontier, keys, broadcast=broadcast),
+                                           autograph=False)
                     concrete = self._sample_fns[state] = function.get_concrete_function(frontier, keys)
         return concrete(frontier, keys)
 
@@ -790,7 +793,7 @@ class KerasSplit:
         if function is None:
             with self._lock:
                 function = self._suffix_fns.setdefault(
-                    state, tf.function(self._run_suffix, reduce_retracing=True)
+                    state, tf.function(self._run_suffix, reduce_retracing=True, autograph=False)
                 )
         return function(list(frontier))
 
