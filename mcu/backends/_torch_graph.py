@@ -156,7 +156,8 @@ def fast_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Gene
     ``x`` holds the ``copies`` stacked copies, or, with ``broadcast=True``, a single copy (a frontier value
     whose only consumers are dropouts): the masks then broadcast against it, so the stacked input is never
     materialised, and the ``1/keep`` scale is applied to the single copy before the masks (the same values
-    as scaling after: ``x * s * 1 == x * 1 * s``, and zeros keep their sign). Copy ``j``'s mask comes from
+    as scaling after: ``x * s * 1 == x * 1 * s``, zeros keep their sign; only an ``x / keep`` that overflows
+    float range would differ). Copy ``j``'s mask comes from
     ``generators[j]``, so a sample's randomness depends only on its own generator, never on how samples were
     grouped into passes. ``generators=None`` means dropout inactive (identity), used to validate a split.
     """
