@@ -11,10 +11,12 @@ on two stacked copies, so a batch-size constant captured by the trace cannot sil
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -26,6 +28,27 @@ _FAST = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _CHANNEL_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
 _WORD = 1 << 32
 _EXPANSION = 104  # bits of keep's binary expansion: 8 + 3 x 32
+
+
+_meters = threading.local()
+
+
+@contextlib.contextmanager
+def measuring(callback: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Call ``callback`` with every tensor the split's own functions (fast dropout, folded convolution,
+    stacking) produce in this thread meanwhile: they are not module calls, which forward hooks would see."""
+    active = _meters.__dict__.setdefault("active", [])
+    active.append(callback)
+    try:
+        yield
+    finally:
+        active.remove(callback)
+
+
+def _made(t: torch.Tensor) -> torch.Tensor:
+    for callback in getattr(_meters, "active", ()):
+        callback(t)
+    return t
 
 
 def _keep_bits(keep: float) -> tuple[int, int]:
@@ -166,15 +189,15 @@ def fast_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Gene
     if rank is not None and x.dim() != rank:  # checked first, so that validating a split catches it
         raise _Unsupported(f"{kind.__name__} on a {x.dim()}-D input")
     if generators is None or module.p == 0.0 or module.p == 1.0:
-        out = x if generators is None or module.p == 0.0 else x * 0.0
+        out = x if generators is None or module.p == 0.0 else _made(x * 0.0)
         return repeat_rows(out, copies) if broadcast else out
     rows = x.shape[0] if broadcast else x.shape[0] // copies
     per_row = tuple(x.shape[1:]) if rank is None else (x.shape[1],) + (1,) * (x.dim() - 2)
     keep = 1.0 - module.p
     mask = bernoulli_masks((rows,) + per_row, keep, generators, x.device)  # (copies, rows, *per_row) uint8
     if broadcast:
-        return torch.mul(x.mul(1.0 / keep).unsqueeze(0), mask).flatten(0, 1)
-    return x.mul(mask.flatten(0, 1)).mul_(1.0 / keep)  # uint8 mask promotes to x's dtype; one new tensor
+        return _made(torch.mul(x.mul(1.0 / keep).unsqueeze(0), mask).flatten(0, 1))
+    return _made(x.mul(mask.flatten(0, 1)).mul_(1.0 / keep))  # uint8 mask promotes to x's dtype
 
 
 def repeat_rows(x: torch.Tensor, copies: int) -> torch.Tensor:
@@ -182,8 +205,8 @@ def repeat_rows(x: torch.Tensor, copies: int) -> torch.Tensor:
     out = x.repeat(copies, *([1] * (x.dim() - 1)))
     for layout, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
         if x.dim() == dim and x.is_contiguous(memory_format=layout) and not x.is_contiguous():
-            return out.contiguous(memory_format=layout)
-    return out
+            return _made(out.contiguous(memory_format=layout))
+    return _made(out)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -339,7 +362,7 @@ def conv_bn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
     if bn.bias is not None:
         shift = shift + bn.bias
     weight = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1))
-    return conv._conv_forward(x, weight, shift)
+    return _made(conv._conv_forward(x, weight, shift))
 
 
 def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor) -> None:

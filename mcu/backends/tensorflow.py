@@ -113,6 +113,11 @@ class _SplitAdapter:
     def description(self) -> str:
         return self._split.describe()
 
+    @property
+    def fast_layers(self) -> list[Any]:
+        """The dropout layers whose masks the split draws itself, per sample."""
+        return list(self._split._fast.values())
+
 
 class KerasBackend:
     """MC dropout for Keras 3 models (Sequential, Functional, subclassed, nested) on TensorFlow."""
@@ -135,6 +140,19 @@ class KerasBackend:
                 f"identical; expected at least one of keras.layers.{_DROPOUT_NAMES}."
             )
         return layers
+
+    def stacking_problem(self, model: keras.layers.Layer, split: Any = None) -> str | None:
+        """Why stacked copies of the batch in one pass would not sample independently (None: they would): a
+        ``Dropout`` with ``noise_shape[0] == 1`` draws one mask for the whole batch, so every stacked copy would
+        get the same mask. Layers whose masks ``split`` draws per sample (its fast path) are fine."""
+        fast = {id(layer) for layer in getattr(split, "fast_layers", [])}
+        shared = [layer.name for layer in self.dropout_layers(model)
+                  if getattr(layer, "noise_shape", None) is not None and len(layer.noise_shape) > 0
+                  and layer.noise_shape[0] == 1 and id(layer) not in fast]
+        if not shared:
+            return None
+        return (f"dropout layer(s) {shared} share one mask across the batch (noise_shape[0] == 1), so stacked "
+                "copies of the batch would share it too")
 
     @contextlib.contextmanager
     def mc_mode(self, model: keras.layers.Layer, mode: str = "dropout") -> Iterator[None]:

@@ -216,7 +216,8 @@ class TorchBackend:
 
 
 class _ActivationMeter:
-    """Sums the bytes of every leaf module's output during a pass (a global hook, removed on exit)."""
+    """Sums the bytes of every leaf module's output during a pass (a global hook, removed on exit), and of the
+    tensors the split's own functions make."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -225,9 +226,15 @@ class _ActivationMeter:
         if next(module.children(), None) is None and isinstance(output, torch.Tensor):
             self.bytes += output.numel() * output.element_size()
 
+    def _add(self, t: torch.Tensor) -> None:
+        self.bytes += t.numel() * t.element_size()
+
     def __enter__(self) -> "_ActivationMeter":
         self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
+        self._split_tensors = _torch_graph.measuring(self._add)  # fast dropout etc. are not module calls
+        self._split_tensors.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._handle.remove()
+        self._split_tensors.__exit__(*exc)

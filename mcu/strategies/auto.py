@@ -144,7 +144,8 @@ def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int]]:
     if plan.split is not None:
         frontier = plan.split.prefix(plan.x)
         suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generators(plan.model, [0])))
-        per_copy = None if suffix is None else suffix + sum(backend.nbytes(f) for f in frontier)
+        stacked = 0 if getattr(plan.split, "repeats_frontier", False) else sum(backend.nbytes(f) for f in frontier)
+        per_copy = None if suffix is None else suffix + stacked  # a repeated frontier buffer holds every copy
         limits["prefix"] = _max_copies(plan, budget, per_copy, n_samples)
         # every worker holds its own block: the budget is shared between them
         limits["parallel"] = max(1, limits["prefix"] // _workers(plan))
@@ -155,11 +156,12 @@ def _workers(plan: Plan) -> int:
     return plan.workers or os.cpu_count() or 1
 
 
-def _probe(plan: Plan, n_samples: int) -> tuple[Any, int, str]:
+def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, int, str]:
     backend = plan.backend
     budget, limits = _limits(plan, n_samples)
     # A seeded call only compares configurations that return the same samples (per-sample generators).
-    families: list[tuple[Any, int]] = [] if plan.seeded else [(VectorizedStrategy(), limits["vectorized"])]
+    families: list[tuple[Any, int]] = [(VectorizedStrategy(), limits["vectorized"])] if vectorized and not \
+        plan.seeded else []
     if plan.split is not None:
         families.append((PrefixStrategy(), limits["prefix"]))
         if _workers(plan) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
@@ -203,24 +205,43 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
         return LoopStrategy(), "mode='training': batch statistics depend on the batch, so only separate passes are exact"
     if requested != "auto":
         strategy, reason = _explicit(plan, requested)
+        problem = _stacking_problem(plan, strategy)
+        if problem:
+            return LoopStrategy(), f"{requested!r} requested, but {problem}: ran 'loop'"
         return strategy, _within_budget(plan, strategy, reason, n_samples)
     why = _attach_split(plan)
+    split_problem = _stacking_problem(plan, PrefixStrategy()) if plan.split is not None else None
+    if split_problem:
+        plan.split, why = None, split_problem
+    stacking = _stacking_problem(plan, VectorizedStrategy())
+    if stacking and plan.split is None:
+        return LoopStrategy(), f"{stacking}: only separate passes are exact"
     per_sample_rng = plan.split is not None and not plan.split.native_rng
     if plan.seeded and not per_sample_rng:
         # Timing must not decide what a seeded call returns: a fixed configuration instead of a probe.
-        strategy = PrefixStrategy() if plan.split is not None else VectorizedStrategy()
+        strategy = PrefixStrategy() if plan.split is not None else VectorizedStrategy()  # (stacking checked above)
         return strategy, (f"seeded call: {strategy.name} with the default rows per pass, chosen without timing "
                           "(these dropout layers draw from a shared random state, so a timed choice could change "
                           f"the samples){_split_note(plan, why)}")
     if n_samples == 1:
         return (PrefixStrategy(), f"one sample; split: {why}") if plan.split else (LoopStrategy(), "one sample")
-    key = _key(plan, n_samples)
+    key = (*_key(plan, n_samples), stacking)
     cache = _cache.setdefault(plan.model, {})
     if key not in cache:
-        cache[key] = _isolated(plan, lambda: _probe(plan, n_samples))
+        cache[key] = _isolated(plan, lambda: _probe(plan, n_samples, vectorized=not stacking))
     strategy, copies, reason = cache[key]
     plan.copies = copies
     return strategy, f"{strategy.name} with {copies} copies per pass: {reason}{_split_note(plan, why)}"
+
+
+def _stacking_problem(plan: Plan, strategy: Any) -> str | None:
+    """Why ``strategy`` stacking copies of the batch in one pass would not be exact (None: it is), as the
+    backend sees it: e.g. a Keras dropout whose ``noise_shape`` shares one mask across the batch axis would
+    share it across the copies too, unless the split draws that layer's masks per sample."""
+    if strategy.name == "loop":
+        return None
+    check = getattr(plan.backend, "stacking_problem", None)
+    return check(plan.model, plan.split if strategy.name in _SPLIT_STRATEGIES else None) if check else None
 
 
 def _split_note(plan: Plan, why: str) -> str:

@@ -176,3 +176,35 @@ def test_subclassed_model_cannot_be_split_and_falls_back():
     model(np.zeros((1, 3), np.float32))
     _, info = mcu.sample(model, np.ones((2, 3), np.float32), 4, strategy="prefix", return_info=True)
     assert info.strategy == "vectorized" and "cannot be split" in info.strategy_reason
+
+
+def _shared_mask_model(subclassed: bool = False):
+    inputs = keras.Input((8,))
+    dense = keras.layers.Dense(8, use_bias=False, kernel_initializer="identity")
+    drop = keras.layers.Dropout(0.5, noise_shape=(1, 8))  # one mask for the whole batch, per pass
+    if not subclassed:
+        return keras.Model(inputs, drop(dense(inputs)))
+
+    class Wrapped(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.drop = dense, drop
+
+        def call(self, x, training=False):
+            return self.drop(self.dense(x), training=training)
+
+    return Wrapped()
+
+
+@pytest.mark.parametrize("subclassed", [False, True])
+@pytest.mark.parametrize("strategy", ["auto", "vectorized", "prefix", "parallel"])
+def test_a_batch_shared_dropout_mask_is_never_shared_between_samples(strategy, subclassed):
+    """noise_shape=(1, d): every example of a pass shares the mask; stacked copies must not share it."""
+    model = _shared_mask_model(subclassed)
+    x = np.ones((3, 8), np.float32)
+    samples, info = mcu.sample(model, x, 64, strategy=strategy, seed=0, return_info=True)
+    assert np.all(samples == samples[:, :1])  # within a sample (one pass), the examples share the mask
+    masks = {tuple(s[0] > 0) for s in samples}
+    assert len(masks) > 40  # 256 possible masks, ~57 distinct expected from 64 independent samples
+    if strategy == "vectorized" or subclassed:
+        assert info.strategy == "loop" and "share one mask across the batch" in info.strategy_reason
