@@ -44,7 +44,6 @@ dtype policy (weights copied, global policy restored), cached per model.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import threading
 import weakref

@@ -10,8 +10,10 @@ import mcu
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from mcu.backends import get_backend  # noqa: E402
-from mcu.backends import _torch_graph  # noqa: E402
+from mcu.backends import (
+    _torch_graph,  # noqa: E402
+    get_backend,  # noqa: E402
+)
 from mcu.backends._torch_graph import bernoulli_mask, bernoulli_masks, fast_dropout  # noqa: E402
 from tests import _models  # noqa: E402
 
