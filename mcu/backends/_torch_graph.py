@@ -197,7 +197,10 @@ def fast_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Gene
     mask = bernoulli_masks((rows,) + per_row, keep, generators, x.device)  # (copies, rows, *per_row) uint8
     if broadcast:
         return _made(torch.mul(x.mul(1.0 / keep).unsqueeze(0), mask).flatten(0, 1))
-    return _made(x.mul(mask.flatten(0, 1)).mul_(1.0 / keep))  # uint8 mask promotes to x's dtype
+    mask = mask.flatten(0, 1)
+    if mask.numel() < x.numel():  # channel masks: scale the small mask, then one pass over x
+        return _made(x.mul(mask.to(x.dtype).mul_(1.0 / keep)))  # x * (1 * s) == (x * 1) * s
+    return _made(x.mul(mask).mul_(1.0 / keep))  # uint8 mask promotes to x's dtype
 
 
 def repeat_rows(x: torch.Tensor, copies: int) -> torch.Tensor:
@@ -297,7 +300,7 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...]) -> TorchSplit:
     copies = suffix.placeholder("copies")
 
     def is_fast(node: torch.fx.Node) -> bool:
-        return is_dropout(node) and type(modules[node.target]) in _FAST
+        return is_dropout(node) and type(modules[node.target]) in _FAST and _unhooked(modules[node.target])
 
     # A frontier value read only by fast dropouts is broadcast into their masks; other readers get k copies.
     single = {f: env2[f] for f in frontier}
@@ -323,6 +326,8 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...]) -> TorchSplit:
         elif (bn := _folds_into(node, modules)) is not None:
             args = (env2[node.args[0]], suffix.get_attr(node.target), suffix.get_attr(bn.target))
             env2[node] = env2[bn] = suffix.call_function(conv_bn, args)
+        elif _relu_in_place(node, modules, stochastic):
+            env2[node] = suffix.call_function(torch.relu_, (env2[node.args[0]],))
         else:
             env2[node] = suffix.node_copy(node, lambda n: env2[n])
     n_pre = sum(1 for n in graph.nodes if n not in stochastic and n.op not in ("placeholder", "output"))
@@ -342,8 +347,28 @@ def _folds_into(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.
         return None
     (user,) = node.users
     ok = (user.op == "call_module" and isinstance(modules.get(user.target), _NORMS) and len(user.args) == 1
-          and not user.kwargs and len(node.args) == 1 and not node.kwargs)
+          and not user.kwargs and len(node.args) == 1 and not node.kwargs
+          and _unhooked(modules[node.target], modules[user.target]))
     return user if ok else None
+
+
+def _unhooked(*modules: nn.Module) -> bool:
+    """No forward hooks on these modules (a rewrite that does not call a module would skip its hooks)."""
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+_FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _relu_in_place(node: torch.fx.Node, modules: dict[str, nn.Module], stochastic: set) -> bool:
+    """A ``ReLU`` module whose input is a new tensor (a convolution's, linear layer's or BatchNorm's output,
+    in the suffix) read by nothing else: it can overwrite its input instead of allocating another one."""
+    if node.op != "call_module" or type(modules.get(node.target)) is not nn.ReLU or len(node.args) != 1 \
+            or not _unhooked(modules[node.target]):
+        return False
+    source = node.args[0]
+    return (isinstance(source, torch.fx.Node) and source in stochastic and len(source.users) == 1
+            and source.op == "call_module" and isinstance(modules.get(source.target), _FRESH))
 
 
 def conv_bn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
@@ -366,14 +391,16 @@ def conv_bn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
 
 
 def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor) -> None:
-    """Two stacked copies through the split must equal the model's own output (dropout inactive)."""
+    """Two stacked copies through the split must equal the model's own output (dropout inactive). Checked in
+    the model's own precision (autocast off): a bf16 call must not reject a split for bf16 rounding."""
     flags = [m.training for m in dropouts]
     try:
         for m in dropouts:
             m.training = False
-        reference = model(x)
-        frontier = split.prefix(x)
-        out = split.suffix(frontier, None, copies=2)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            reference = model(x)
+            frontier = split.prefix(x)
+            out = split.suffix(frontier, None, copies=2)
     finally:
         for m, flag in zip(dropouts, flags):
             m.training = flag

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Iterator
@@ -52,6 +53,7 @@ class TorchBackend:
 
     def __init__(self) -> None:
         self._splits: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+        self._generator_pool = threading.local()
 
     def is_model(self, obj: Any) -> bool:
         keras = sys.modules.get("keras")
@@ -176,7 +178,12 @@ class TorchBackend:
     def generators(self, model: torch.nn.Module, seeds: list[int]) -> list[torch.Generator]:
         """One generator per sample (the fast dropout masks draw from them, never from the global RNG)."""
         device, _ = _model_device_dtype(model)
-        return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        # Generator objects are reused per thread and device (re-seeding is cheaper than constructing): the
+        # list is valid until this thread's next call, i.e. for one block of samples.
+        pool = self._generator_pool.__dict__.setdefault(str(device), [])
+        while len(pool) < len(seeds):
+            pool.append(torch.Generator(device=device))
+        return [generator.manual_seed(seed) for generator, seed in zip(pool, seeds)]
 
     @contextlib.contextmanager
     def worker_threads(self, workers: int) -> Iterator[None]:

@@ -330,3 +330,25 @@ def test_the_suffix_folds_batchnorm_into_the_convolution_before_it():
         expected = model(torch.from_numpy(x))
         out = split.suffix(split.prefix(torch.from_numpy(x)), None, copies=2)
     torch.testing.assert_close(out, torch.cat([expected, expected]), rtol=1e-5, atol=1e-5)
+
+
+def test_modules_with_forward_hooks_are_called_not_rewritten():
+    """Folding, in-place ReLU and fast dropout replace module calls: never for a module the user hooked."""
+    model = _models.zoo("torch").cnn()
+    calls = {i: 0 for i in (5, 6, 7, 9)}  # conv, BatchNorm, ReLU, Dropout2d of the stochastic part
+    for i in calls:
+        model[i].register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    mcu.sample(model, x, 5, strategy="prefix", seed=0)  # builds (and validates) the split
+    calls.update({i: 0 for i in calls})
+    _, info = mcu.sample(model, x, 5, strategy="prefix", seed=0, return_info=True)
+    assert info.strategy == "prefix" and all(n >= 1 for n in calls.values()), calls
+
+
+def test_a_bf16_call_splits_the_model_too():
+    """The split is validated in fp32 even inside autocast (bf16 rounding of a folded convolution must not
+    make a bf16 call fall back to the slow strategies)."""
+    model = _models.zoo("torch").cnn()
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    _, info = mcu.sample(model, x, 10, strategy="prefix", precision="bf16", seed=0, return_info=True)
+    assert info.strategy == "prefix", info.strategy_reason
