@@ -234,8 +234,9 @@ def _sample(model: Any, x: Any, t: int, backend: str, settings: dict, **kwargs: 
 
 
 def run_precision(task: dict, settings: dict) -> list[dict]:
-    """Same strategy and seed as the fp32 reference, so the dropout masks match and only precision differs."""
-    backend, n, t, strategy = task["backend"], task["n"], task["t"], task.get("strategy", "vectorized")
+    """Same strategy and seed as the fp32 reference, so the dropout masks match and only precision differs
+    (``prefix``: per-sample masks on both backends, the same in every precision)."""
+    backend, n, t, strategy = task["backend"], task["n"], task["t"], task.get("strategy", "prefix")
     workload = workload_from(task["workload"])
     x = to_tensor(backend, inputs(workload, backend, n))
     model = workload.build(backend, seed=0)
