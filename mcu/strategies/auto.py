@@ -114,7 +114,7 @@ def _max_copies(plan: Plan, budget: int, per_copy: int | None, n_samples: int) -
 
 #: Timed repeats per probed configuration (the fastest counts: interference from other processes only ever
 #: makes a run slower), and the time after which a configuration is not repeated.
-PROBE_REPEATS, PROBE_SECONDS = 3, 0.05
+PROBE_REPEATS, PROBE_SECONDS, PROBE_SCANS = 3, 0.05, 2
 
 
 def _time_per_sample(strategy: Any, plan: Plan, copies: int) -> float:
@@ -170,22 +170,31 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
         if _workers(plan) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
             families.append((ParallelStrategy(), limits["parallel"]))
     timings: dict[str, float] = {}
-    best = (float("inf"), PrefixStrategy(), 1)
-    if not plan.seeded:
-        timings["loop"] = _time_per_sample(LoopStrategy(), plan, 1)
-        best = (timings["loop"], LoopStrategy(), 1)
-    for strategy, limit in families:
-        previous, worse = float("inf"), 0
-        # powers of two, and the limit itself (all samples in one pass when the budget allows it)
-        for copies in sorted({c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())):
-            seconds = _time_per_sample(strategy, plan, copies)
-            timings[f"{strategy.name}x{copies}"] = seconds
-            if seconds < best[0]:
-                best = (seconds, strategy, copies)
-            worse = worse + 1 if seconds > 1.2 * previous else 0
-            if worse == 2:  # twice past the family's best (cache effects, not one noisy run): stop growing
-                break
-            previous = min(previous, seconds)
+    configs: dict[str, tuple[Any, int]] = {}
+
+    def timed(strategy: Any, copies: int, name: str) -> float:
+        seconds = min(timings.get(name, float("inf")), _time_per_sample(strategy, plan, copies))
+        timings[name], configs[name] = seconds, (strategy, copies)
+        return seconds
+
+    # Two scans, each configuration keeping its faster time: a process's first second of work runs slower
+    # and erratically (allocator and thread-pool warm-up; measured up to 4x), which one scan would bake into
+    # a choice that is cached for good.
+    for _ in range(PROBE_SCANS):
+        if not plan.seeded:
+            timed(LoopStrategy(), 1, "loop")
+        for strategy, limit in families:
+            previous, worse = float("inf"), 0
+            # powers of two, and the limit itself (all samples in one pass when the budget allows it)
+            for copies in sorted({c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())):
+                seconds = timed(strategy, copies, f"{strategy.name}x{copies}")
+                worse = worse + 1 if seconds > 1.2 * previous else 0
+                if worse == 2:  # twice past the family's best (cache effects, not one noisy run): stop growing
+                    break
+                previous = min(previous, seconds)
+    name = min(timings, key=timings.__getitem__) if timings else "prefixx1"
+    strategy, copies = configs.get(name, (PrefixStrategy(), 1))
+    best = (timings.get(name), strategy, copies)
     seconds, strategy, copies = best
     top = sorted(timings.items(), key=lambda kv: kv[1])[:4]
     summary = ", ".join(f"{name} {1e3 * t:.3g} ms" for name, t in top)
