@@ -197,17 +197,33 @@ def predict(
     starts = range(0, n, batch)
     seeds = batch_seeds(seed, len(starts))
     parts: list[dict[str, np.ndarray]] = []
+    choice: tuple[str, dict] | None = None
     with progress_bar(progress, total=n, desc="mcu.predict", unit="ex") as bar:
         for start, batch_seed in zip(starts, seeds):
             xb = x[start : start + batch]
-            parts.append(_predict_batch(model, xb, n_samples, task, from_logits, batch_seed, strategy, tol,
-                                        max_samples, score, noise_var, heteroscedastic, sample_options))
+            batch_strategy, options = strategy, sample_options
+            if choice is not None and _n_rows(xb) != batch:
+                batch_strategy, options = choice  # a last, smaller batch: no second probe for its shape
+            part, session = _predict_batch(model, xb, n_samples, task, from_logits, batch_seed, batch_strategy,
+                                           tol, max_samples, score, noise_var, heteroscedastic, options)
+            parts.append(part)
+            if choice is None:
+                choice = _reuse(strategy, session, sample_options)
             bar.update(_n_rows(xb))
     return Prediction(task, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
+def _reuse(strategy: str, session: SamplingSession, sample_options: dict) -> tuple[str, dict]:
+    """What ``auto`` chose for a full batch, as explicit settings for a smaller one (same copies per pass:
+    less memory; per-sample generators make the samples independent of that choice anyway)."""
+    copies = session.plan.copies
+    if strategy != "auto" or "chunk_size" in sample_options or copies is None:
+        return strategy, sample_options
+    return session.info.strategy, {**sample_options, "chunk_size": copies * session.plan.n_rows}
+
+
 def _predict_batch(model, xb, n_samples, task, from_logits, seed, strategy, tol, max_samples, score,
-                   noise_var, heteroscedastic, sample_options) -> dict[str, np.ndarray]:
+                   noise_var, heteroscedastic, sample_options) -> tuple[dict[str, np.ndarray], SamplingSession]:
     acc = _accumulator(task, from_logits, noise_var, heteroscedastic)
     target = max_samples if n_samples == "auto" else n_samples
     first = min(target, 10)
@@ -227,4 +243,4 @@ def _predict_batch(model, xb, n_samples, task, from_logits, seed, strategy, tol,
     result["n_samples"] = np.full(_n_rows(xb), acc.n_samples, dtype=np.int64)
     if n_samples == "auto" or task == "classification":
         result["standard_error"] = acc.standard_error(score)
-    return result
+    return result, session

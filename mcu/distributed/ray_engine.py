@@ -186,9 +186,9 @@ class _Worker:
         j = self.job
         tables = []
         for c, indices, x, ids in self._chunks(lo, hi):
-            values = _predict_batch(self.model, x, j["n_samples"], j["task"], j["from_logits"],
-                                    chunk_seed(j["seed"], c), j["strategy"], j["tol"], j["max_samples"],
-                                    j["score"], j["noise_var"], j["heteroscedastic"], j["sample_options"])
+            values, _ = _predict_batch(self.model, x, j["n_samples"], j["task"], j["from_logits"],
+                                       chunk_seed(j["seed"], c), j["strategy"], j["tol"], j["max_samples"],
+                                       j["score"], j["noise_var"], j["heteroscedastic"], j["sample_options"])
             if j["task"] == "classification":
                 values["label"] = np.argmax(values["mean_probabilities"], axis=-1)
             tables.append(to_table(indices, ids, values))

@@ -115,6 +115,8 @@ def _max_copies(plan: Plan, budget: int, per_copy: int | None, n_samples: int) -
 #: Timed repeats per probed configuration (the fastest counts: interference from other processes only ever
 #: makes a run slower), and the time after which a configuration is not repeated.
 PROBE_REPEATS, PROBE_SECONDS, PROBE_SCANS = 3, 0.05, 2
+#: Worker threads are only probed when the best single-thread block takes at least this long.
+PARALLEL_MIN_BLOCK_SECONDS = 2e-3
 
 
 def _time_per_sample(strategy: Any, plan: Plan, copies: int) -> float:
@@ -180,10 +182,12 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
     # Two scans, each configuration keeping its faster time: a process's first second of work runs slower
     # and erratically (allocator and thread-pool warm-up; measured up to 4x), which one scan would bake into
     # a choice that is cached for good.
+    scanned = [(strategy, limit) for strategy, limit in families if strategy.name != "parallel"]
+    threaded = [(strategy, limit) for strategy, limit in families if strategy.name == "parallel"]
     for _ in range(PROBE_SCANS):
         if not plan.seeded:
             timed(LoopStrategy(), 1, "loop")
-        for strategy, limit in families:
+        for strategy, limit in scanned:
             previous, worse = float("inf"), 0
             # powers of two, and the limit itself (all samples in one pass when the budget allows it)
             for copies in sorted({c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())):
@@ -192,6 +196,17 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
                 if worse == 2:  # twice past the family's best (cache effects, not one noisy run): stop growing
                     break
                 previous = min(previous, seconds)
+        for strategy, limit in threaded:
+            # Worker threads only where a block is long enough to amortise handing it to a thread, at the best
+            # single-thread block size shared between the workers and twice that: every block size a worker
+            # allocates stays in its allocator arena (a full scan of sizes added ~70 MB to a pool scoring).
+            prefix_best = min((configs[n][1] for n in timings if n.startswith("prefix")),
+                              key=lambda c: timings[f"prefixx{c}"], default=1)
+            if timings.get(f"prefixx{prefix_best}", 0.0) * prefix_best < PARALLEL_MIN_BLOCK_SECONDS:
+                continue
+            share = max(1, min(limit, prefix_best // _workers(plan)))
+            for copies in sorted({share, min(limit, 2 * share)}):
+                timed(strategy, copies, f"{strategy.name}x{copies}")
     name = min(timings, key=timings.__getitem__) if timings else "prefixx1"
     strategy, copies = configs.get(name, (PrefixStrategy(), 1))
     best = (timings.get(name), strategy, copies)

@@ -9,9 +9,7 @@ seed derived from the session seed, and blocks are returned in order.
 from __future__ import annotations
 
 import os
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import islice
 from typing import Iterator
 
 import numpy as np
@@ -30,18 +28,20 @@ class ParallelStrategy:
             raise RuntimeError("the parallel strategy needs plan.split (prepared by mcu.strategies.auto.prepare)")
         frontier, blocks = plan_blocks(plan, n_samples)
         workers = min(plan.workers or os.cpu_count() or 1, len(blocks))
-        with plan.backend.worker_threads(workers), ThreadPoolExecutor(workers, thread_name_prefix="mcu") as pool:
-            # at most `workers` blocks in flight: memory stays ~workers blocks, whatever n_samples is
-            jobs = iter(blocks)
-            pending: deque[Future] = deque(pool.submit(_worker, plan, frontier, seeds) for seeds in islice(jobs, workers))
-            try:
-                while pending:
-                    block = pending.popleft().result()
-                    pending.extend(pool.submit(_worker, plan, frontier, seeds) for seeds in islice(jobs, 1))
-                    yield block
-            finally:  # on an error (or an abandoned generator) do not start the queued blocks
-                for future in pending:
-                    future.cancel()
+        # The calling thread is one of the workers: one thread (and one allocator arena, which keeps what its
+        # blocks allocated) fewer than a pool of `workers` threads. At most `workers` blocks are in flight.
+        with plan.backend.worker_threads(workers), ThreadPoolExecutor(max(1, workers - 1),
+                                                                      thread_name_prefix="mcu") as pool:
+            for start in range(0, len(blocks), workers):
+                group = blocks[start : start + workers]
+                futures: list[Future] = [pool.submit(_worker, plan, frontier, seeds) for seeds in group[1:]]
+                try:
+                    yield run_block(plan, frontier, group[0])
+                    for future in futures:
+                        yield future.result()
+                finally:  # on an error (or an abandoned generator) do not start queued blocks
+                    for future in futures:
+                        future.cancel()
 
 
 def _worker(plan: Plan, frontier: list, seeds: list[int]) -> np.ndarray:
