@@ -117,7 +117,8 @@ def make_run(config: dict, workload: Workload, backend: str, model: Any, setting
             model, x, t, strategy=config["strategy"], precision=config["precision"],
             chunk_size=settings.get("chunk_size"), backend=backend, return_info=True,
         )
-        info.update(chosen=used.strategy, chunk_size=used.chunk_size)
+        copies = used.details.get("copies_per_pass")
+        info.update(chosen=used.strategy + (f" x{copies}" if copies else ""), chunk_size=used.chunk_size)
         return samples
 
     return run
