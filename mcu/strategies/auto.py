@@ -117,6 +117,8 @@ def _max_copies(plan: Plan, budget: int, per_copy: int | None, n_samples: int) -
 PROBE_REPEATS, PROBE_SECONDS, PROBE_SCANS = 3, 0.05, 2
 #: Worker threads are only probed when the best single-thread block takes at least this long.
 PARALLEL_MIN_BLOCK_SECONDS = 2e-3
+#: With a split, vectorized is also probed when one full pass takes less than this (per sample).
+TINY_PASS_SECONDS = 2e-4
 
 
 def _time_per_sample(strategy: Any, plan: Plan, copies: int) -> float:
@@ -158,15 +160,21 @@ def _workers(plan: Plan) -> int:
     return plan.workers or os.cpu_count() or 1
 
 
+def _loop_seconds(plan: Plan) -> float:
+    return _time_per_sample(LoopStrategy(), plan, 1)
+
+
 def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, int, str]:
     backend = plan.backend
     budget, limits = _limits(plan, n_samples)
     # A seeded call only compares configurations that return the same samples (per-sample generators).
-    # Vectorized runs the whole model per copy: with a split, prefix does the same work minus the prefix (and
-    # cheaper masks), so vectorized is only probed without one (measured: it never won then; probing it cost
-    # the probe ~20 MB of allocator and BLAS buffers on a small MLP).
-    families: list[tuple[Any, int]] = [(VectorizedStrategy(), limits["vectorized"])] if vectorized and not \
-        plan.seeded and plan.split is None else []
+    # Vectorized runs the whole model per copy: with a split, prefix does the same work minus the prefix with
+    # cheaper masks, and wins unless the whole pass is tiny (then per-sample mask overhead decides). So with a
+    # split, vectorized is probed only for passes under TINY_PASS_SECONDS per sample (probing it on a
+    # 784-512-10 MLP cost ~20 MB of allocator and BLAS buffers for nothing).
+    families: list[tuple[Any, int]] = []
+    if plan.split is None or _loop_seconds(plan) < TINY_PASS_SECONDS:
+        families += [(VectorizedStrategy(), limits["vectorized"])] if vectorized and not plan.seeded else []
     if plan.split is not None:
         families.append((PrefixStrategy(), limits["prefix"]))
         if _workers(plan) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
