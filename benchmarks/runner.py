@@ -125,10 +125,10 @@ def make_run(config: dict, workload: Workload, backend: str, model: Any, setting
 
 
 def timed(run: Run, x: Any, t: int) -> float:
-    """Seconds of one call, with Python's garbage collector paused during it (as ``timeit`` does) and run just
-    before: a full collection of a process holding TensorFlow's objects took ~260 ms here and landed on
-    whichever configuration happened to be running."""
-    gc.collect()
+    """Seconds of one call, with Python's garbage collector paused during it (as ``timeit`` does): a full
+    collection of a process holding TensorFlow's objects took ~260 ms here and landed on whichever
+    configuration happened to be running. (Collecting before every call instead evicted the CPU caches and
+    slowed short calls by ~30%.)"""
     enabled = gc.isenabled()
     gc.disable()
     try:

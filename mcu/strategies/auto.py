@@ -31,7 +31,7 @@ from mcu.strategies.vectorized import VectorizedStrategy
 
 __all__ = ["prepare"]
 
-MIN_BUDGET = 8 << 20
+MIN_BUDGET = 4 << 20
 _COPIES = (1, 2, 4, 8, 16, 32, 64, 128)
 _cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _SPLIT_STRATEGIES = ("prefix", "parallel")

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mcu.strategies.base import Plan
+from mcu.strategies.vectorized import blocks as block_sizes
 
 __all__ = ["PrefixStrategy", "plan_blocks", "run_block"]
 
@@ -35,7 +36,8 @@ def plan_blocks(plan: Plan, n_samples: int) -> tuple[list[Any], list[list[int]]]
     ``copies``."""
     copies = plan.copies_per_pass(DEFAULT_ROWS)
     seeds = plan.sample_seeds(n_samples)
-    blocks = [seeds[i : i + copies] for i in range(0, n_samples, copies)]
+    starts = np.cumsum([0] + block_sizes(n_samples, copies))
+    blocks = [seeds[a:b] for a, b in zip(starts[:-1], starts[1:])]
     frontier = plan.split.prefix(plan.x)
     if not _repeats_itself(plan):
         frontier = [plan.backend.repeat(f, len(blocks[0])) for f in frontier]

@@ -20,8 +20,11 @@ DEFAULT_ROWS = 1024
 
 
 def blocks(n_samples: int, copies: int) -> list[int]:
-    """Sizes of consecutive blocks of at most ``copies`` samples covering ``n_samples``."""
-    return [min(copies, n_samples - start) for start in range(0, n_samples, copies)]
+    """Sizes of the fewest consecutive blocks of at most ``copies`` samples covering ``n_samples``, as equal as
+    possible (100 at 62: 50 + 50, not 62 + 38), so that the passes of a call allocate buffers of one size."""
+    count = -(-n_samples // copies)
+    size = -(-n_samples // count)
+    return [min(size, n_samples - start) for start in range(0, n_samples, size)]
 
 
 class VectorizedStrategy:
@@ -35,7 +38,8 @@ class VectorizedStrategy:
             yield from LoopStrategy().draw(plan, n_samples)
             return
         backend, n = plan.backend, plan.n_rows
-        repeated = backend.repeat(plan.x, min(copies, n_samples))
-        for t in blocks(n_samples, copies):
+        sizes = blocks(n_samples, copies)
+        repeated = backend.repeat(plan.x, sizes[0])
+        for t in sizes:
             out = backend.to_numpy(backend.forward(plan.model, repeated[: t * n]))
             yield out.reshape((t, n) + out.shape[1:])
