@@ -9,7 +9,7 @@ what a seeded call returns. The probe runs under a fixed seed inside the backend
 ``seeded`` block, so it neither consumes the user's random stream nor changes a seeded call's result. The
 choice is cached per model, per-example input shape, batch size, precision and sample count bucket, so it is
 stable across calls, and it is explained in ``SampleInfo``. Copies per pass are capped by a memory budget
-(``max_memory``; by default about one full pass's activations, at least 8 MB).
+(``max_memory``; by default about one full pass's activations, at least 4 MB).
 """
 
 from __future__ import annotations
@@ -173,8 +173,8 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
     # split, vectorized is probed only for passes under TINY_PASS_SECONDS per sample (probing it on a
     # 784-512-10 MLP cost ~20 MB of allocator and BLAS buffers for nothing).
     families: list[tuple[Any, int]] = []
-    if plan.split is None or _loop_seconds(plan) < TINY_PASS_SECONDS:
-        families += [(VectorizedStrategy(), limits["vectorized"])] if vectorized and not plan.seeded else []
+    if vectorized and not plan.seeded and (plan.split is None or _loop_seconds(plan) < TINY_PASS_SECONDS):
+        families.append((VectorizedStrategy(), limits["vectorized"]))
     if plan.split is not None:
         families.append((PrefixStrategy(), limits["prefix"]))
         if _workers(plan) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
