@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
@@ -74,7 +75,8 @@ def _draw_rows(generators: Sequence[torch.Generator | None], draws: int, device:
 def _bytes(words: torch.Tensor) -> torch.Tensor:
     """The low 7 bytes (56 uniform bits) of each 63-bit word: ``(k, w)`` int64 -> ``(k, 7 w)`` uint8."""
     k, w = words.shape
-    return words.view(torch.uint8).view(k, w, 8)[:, :, :7].reshape(k, 7 * w)
+    low = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the top byte holds the always-0 bit 63
+    return words.view(torch.uint8).view(k, w, 8)[:, :, low].reshape(k, 7 * w)
 
 
 def bernoulli_masks(shape: tuple[int, ...], keep: float, generators: Sequence[torch.Generator | None],
@@ -179,8 +181,8 @@ def fast_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Gene
     ``x`` holds the ``copies`` stacked copies, or, with ``broadcast=True``, a single copy (a frontier value
     whose only consumers are dropouts): the masks then broadcast against it, so the stacked input is never
     materialised, and the ``1/keep`` scale is applied to the single copy before the masks (the same values
-    as scaling after: ``x * s * 1 == x * 1 * s``, zeros keep their sign; only an ``x / keep`` that overflows
-    float range would differ). Copy ``j``'s mask comes from
+    as scaling after in fp32: ``x * s * 1 == x * 1 * s``, zeros keep their sign; only an ``x / keep`` that
+    overflows float range would differ; under bf16 autocast the two orders may round differently). Copy ``j``'s mask comes from
     ``generators[j]``, so a sample's randomness depends only on its own generator, never on how samples were
     grouped into passes. ``generators=None`` means dropout inactive (identity), used to validate a split.
     """
@@ -262,7 +264,7 @@ class TorchSplit:
         return f"{self.n_prefix_nodes} graph nodes run once, {self.n_suffix_nodes} per sample"
 
 
-def _build(model: nn.Module, dropout_types: tuple[type, ...]) -> TorchSplit:
+def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence[nn.Module] = ()) -> TorchSplit:
     traced = torch.fx.symbolic_trace(model)
     graph = traced.graph
     modules = dict(traced.named_modules())
@@ -271,8 +273,13 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...]) -> TorchSplit:
         raise _Unsupported(f"the model takes {len(placeholders)} inputs; prefix caching supports one")
 
     def is_dropout(node: torch.fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(modules.get(node.target), dropout_types)
+        module = modules.get(node.target) if node.op == "call_module" else None
+        return module is not None and (isinstance(module, dropout_types) or scripted_dropout(module))
 
+    traced_dropouts = {id(modules[n.target]) for n in graph.nodes if is_dropout(n)}
+    hidden = [type(m).__name__ for m in dropouts if id(m) not in traced_dropouts]
+    if hidden:  # e.g. a TorchScript dropout, traced through: it would run once, in the prefix
+        raise _Unsupported(f"dropout modules not visible as module calls to torch.fx: {hidden}")
     stochastic: set[torch.fx.Node] = set()
     batched: set[torch.fx.Node] = set(placeholders)  # depends on the input (so has N rows, or is a size)
     for node in graph.nodes:
@@ -352,6 +359,17 @@ def _folds_into(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.
     return user if ok else None
 
 
+_DROPOUT_NAMES = frozenset(cls.__name__ for cls in (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout))
+
+
+def scripted_dropout(module: nn.Module) -> bool:
+    """A dropout module compiled by ``torch.jit.script`` (e.g. a loaded TorchScript model): its class is
+    ``RecursiveScriptModule``, its ``original_name`` the dropout class's; it honours ``training`` as usual.
+    In a split it runs natively (a stochastic node, drawing from the global generator)."""
+    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", None) in _DROPOUT_NAMES
+
+
 def _unhooked(*modules: nn.Module) -> bool:
     """No forward hooks on these modules (a rewrite that does not call a module would skip its hooks)."""
     return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
@@ -368,7 +386,8 @@ def _relu_in_place(node: torch.fx.Node, modules: dict[str, nn.Module], stochasti
         return False
     source = node.args[0]
     return (isinstance(source, torch.fx.Node) and source in stochastic and len(source.users) == 1
-            and source.op == "call_module" and isinstance(modules.get(source.target), _FRESH))
+            and source.op == "call_module" and isinstance(modules.get(source.target), _FRESH)
+            and _unhooked(modules[source.target]))  # a hook may have kept the tensor ReLU would overwrite
 
 
 def conv_bn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
@@ -421,21 +440,34 @@ def still_valid(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], 
     return True
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
+
+
 def attribute_state(model: nn.Module) -> tuple:
-    """The plain attributes of every submodule (not parameters, buffers or submodules): what a ``torch.fx``
-    trace may have baked in as constants. Cheap to compare; a cached split is re-validated when it changes.
-    Objects other than numbers, strings and containers of them are compared by identity."""
-    return tuple((name, key, _plain(value)) for name, module in model.named_modules()
-                 for key, value in vars(module).items() if not key.startswith("_") and key != "training")
+    """What a ``torch.fx`` trace may have baked in, cheap to compare: every submodule's own attributes (not
+    ``nn.Module``'s internals; private ones included), and which parameter and buffer objects it holds (a
+    replaced buffer or parameter is a new object). A cached split is re-validated when this changes.
+    Numbers, strings, containers and plain objects are compared by value (a few levels deep), tensors and
+    other objects by identity."""
+    attributes = tuple((name, key, _plain(value)) for name, module in model.named_modules()
+                       for key, value in vars(module).items() if key not in _MODULE_INTERNALS)
+    tensors = tuple((name, id(t)) for name, t in model.named_parameters(remove_duplicate=False)) + tuple(
+        (name, id(t)) for name, t in model.named_buffers(remove_duplicate=False))
+    return attributes + tensors
 
 
 def _plain(value: object, depth: int = 0) -> object:
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
         return value
-    if isinstance(value, (tuple, list)) and depth < 3:
+    if isinstance(value, (tuple, list, dict)) and len(value) > 64:  # big containers: identity and size only
+        return (type(value), id(value), len(value))
+    if depth < 3 and isinstance(value, (tuple, list)):
         return (type(value), tuple(_plain(v, depth + 1) for v in value))
-    if isinstance(value, dict) and depth < 3:
+    if depth < 3 and isinstance(value, dict):
         return (dict, tuple((_plain(k, depth + 1), _plain(v, depth + 1)) for k, v in value.items()))
+    if depth < 3 and not isinstance(value, (torch.Tensor, nn.Module, type)) and hasattr(value, "__dict__") \
+            and not callable(value):
+        return (type(value), id(value), _plain(vars(value), depth + 1))  # e.g. a config object, mutated
     return (type(value), id(value))
 
 
@@ -443,7 +475,7 @@ def split_model(model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor,
                 dropout_types: tuple[type, ...]) -> tuple[TorchSplit | None, str]:
     """Trace and split ``model`` (call inside MC mode). Returns ``(split, why)`` or ``(None, why not)``."""
     try:
-        split = _build(model, dropout_types)
+        split = _build(model, dropout_types, dropouts)
         _validate(split, model, dropouts, x[: min(int(x.shape[0]), 3)])
     except _Unsupported as exc:
         return None, str(exc)

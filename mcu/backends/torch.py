@@ -29,17 +29,6 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-_DROPOUT_NAMES = frozenset(cls.__name__ for cls in (
-    torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
-    torch.nn.FeatureAlphaDropout))
-
-
-def _scripted_dropout(module: torch.nn.Module) -> bool:
-    """A dropout module compiled by ``torch.jit.script`` (e.g. a loaded TorchScript model): its class is
-    ``RecursiveScriptModule``, its ``original_name`` the dropout class's; it honours ``training`` as usual."""
-    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", None) in _DROPOUT_NAMES
-
-
 def _out_of_memory(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in text or "can't allocate" in text
@@ -62,7 +51,7 @@ class TorchBackend:
         return isinstance(obj, torch.nn.Module)
 
     def dropout_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
-        layers = [m for m in model.modules() if isinstance(m, self.dropout_types) or _scripted_dropout(m)]
+        layers = [m for m in model.modules() if isinstance(m, self.dropout_types) or _torch_graph.scripted_dropout(m)]
         if not layers:
             raise NoDropoutError(
                 f"model: {type(model).__qualname__} has no dropout module, so every MC sample would be "

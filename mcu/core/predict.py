@@ -214,8 +214,9 @@ def predict(
 
 
 def _reuse(strategy: str, session: SamplingSession, sample_options: dict) -> tuple[str, dict]:
-    """What ``auto`` chose for a full batch, as explicit settings for a smaller one (same copies per pass:
-    less memory; per-sample generators make the samples independent of that choice anyway)."""
+    """What ``auto`` chose for a full batch, as explicit settings for a smaller one: the same strategy and
+    rows per pass (so about the same memory), without probing again; with per-sample masks the samples do
+    not depend on that choice anyway."""
     copies = session.plan.copies
     if strategy != "auto" or "chunk_size" in sample_options or copies is None:
         return strategy, sample_options

@@ -123,7 +123,7 @@ TINY_PASS_SECONDS = 2e-4
 
 def _time_per_sample(strategy: Any, plan: Plan, copies: int) -> float:
     plan.copies = copies
-    n = copies * (plan.workers or 2) if strategy.name == "parallel" else copies
+    n = copies * _workers(plan) if strategy.name == "parallel" else copies  # one block per worker thread
     for _ in strategy.draw(plan, n):  # warm-up (graph tracing, allocator)
         pass
     best, spent = float("inf"), 0.0

@@ -21,10 +21,11 @@ DEFAULT_ROWS = 1024
 
 def blocks(n_samples: int, copies: int) -> list[int]:
     """Sizes of the fewest consecutive blocks of at most ``copies`` samples covering ``n_samples``, as equal as
-    possible (100 at 62: 50 + 50, not 62 + 38), so that the passes of a call allocate buffers of one size."""
+    possible, largest first (100 at 62: 50 + 50, not 62 + 38; 10 at 4: 4 + 3 + 3), so that the passes of a
+    call allocate buffers of (nearly) one size."""
     count = -(-n_samples // copies)
-    size = -(-n_samples // count)
-    return [min(size, n_samples - start) for start in range(0, n_samples, size)]
+    base, extra = divmod(n_samples, count)
+    return [base + 1] * extra + [base] * (count - extra)
 
 
 class VectorizedStrategy:

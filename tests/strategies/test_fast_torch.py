@@ -352,3 +352,55 @@ def test_a_bf16_call_splits_the_model_too():
     x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
     _, info = mcu.sample(model, x, 10, strategy="prefix", precision="bf16", seed=0, return_info=True)
     assert info.strategy == "prefix", info.strategy_reason
+
+
+class Centered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.d, self.out = nn.Linear(4, 4), nn.Dropout(0.0), nn.Linear(4, 1)  # p=0: deterministic
+        self.register_buffer("mean", torch.zeros(4))
+        self._scale = 1.0
+
+    def forward(self, x):
+        return self.out(self.d(self.fc(x - self.mean))) * self._scale
+
+
+@pytest.mark.parametrize("change", ["buffer", "private", "parameter"])
+def test_a_replaced_buffer_parameter_or_private_attribute_is_seen(change):
+    """The split cache must notice what a trace baked in changing: a replaced buffer or parameter object, a
+    private attribute (the cheap check compares them; it used to skip names starting with '_')."""
+    model, x = Centered(), np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    mcu.sample(model, x, 2, strategy="prefix", seed=0)
+    if change == "buffer":
+        model.mean = torch.full((4,), 100.0)
+    elif change == "private":
+        model._scale = 10.0
+    else:
+        model.out.weight = nn.Parameter(model.out.weight.detach() * 10)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).numpy()
+    got = mcu.sample(model, x, 2, strategy="prefix", seed=1)
+    np.testing.assert_allclose(got, np.stack([expected, expected]), rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_relu_never_overwrites_what_a_hook_kept():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen = []
+    model[2].register_forward_hook(lambda m, i, o: seen.append(o))
+    x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    mcu.sample(model, x, 20, strategy="prefix", seed=0)
+    assert min(float((o < 0).float().mean()) for o in seen) > 0.1  # pre-ReLU values keep their negatives
+
+
+def test_a_scripted_dropout_before_the_first_dropout_module_stays_random_per_sample():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(nn.Dropout(0.5))
+    model = nn.Sequential(scripted, nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+    x = np.ones((64, 8), np.float32)
+    fast = mcu.sample(model, x, 200, strategy="prefix", seed=0)
+    loop = mcu.sample(model, x, 200, strategy="loop", seed=1)
+    ratio = fast.std(0).mean() / loop.std(0).mean()
+    assert 0.85 < ratio < 1.15  # a once-drawn (prefix-cached) mask gave ~0.57
