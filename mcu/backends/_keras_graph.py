@@ -647,6 +647,11 @@ class KerasSplit:
         self._lock = threading.Lock()
 
     # -- description ------------------------------------------------------------------------------------------
+    @property
+    def fast_layers(self) -> list[Any]:
+        """The dropout layers whose masks the split draws itself, per sample (the rest run natively)."""
+        return list(self._fast.values())
+
     def describe(self) -> str:
         shapes = ", ".join(str(tuple(t.shape)) for t in self.frontier_tensors)
         first = next(step.label for step in self._suffix_steps if step.compute)

@@ -116,7 +116,7 @@ class _SplitAdapter:
     @property
     def fast_layers(self) -> list[Any]:
         """The dropout layers whose masks the split draws itself, per sample."""
-        return list(self._split._fast.values())
+        return self._split.fast_layers
 
 
 class KerasBackend:

@@ -208,17 +208,14 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
             # Worker threads only where a block is long enough to amortise handing it to a thread, at the best
             # single-thread block size shared between the workers and twice that: every block size a worker
             # allocates stays in its allocator arena (a full scan of sizes added ~70 MB to a pool scoring).
-            prefix_best = min((configs[n][1] for n in timings if n.startswith("prefix")),
-                              key=lambda c: timings[f"prefixx{c}"], default=1)
-            if timings.get(f"prefixx{prefix_best}", 0.0) * prefix_best < PARALLEL_MIN_BLOCK_SECONDS:
+            single = min((n for n in timings if n.startswith("prefix")), key=timings.__getitem__, default=None)
+            if single is None or timings[single] * configs[single][1] < PARALLEL_MIN_BLOCK_SECONDS:
                 continue
-            share = max(1, min(limit, prefix_best // _workers(plan)))
+            share = max(1, min(limit, configs[single][1] // _workers(plan)))
             for copies in sorted({share, min(limit, 2 * share)}):
                 timed(strategy, copies, f"{strategy.name}x{copies}")
     name = min(timings, key=timings.__getitem__) if timings else "prefixx1"
     strategy, copies = configs.get(name, (PrefixStrategy(), 1))
-    best = (timings.get(name), strategy, copies)
-    seconds, strategy, copies = best
     top = sorted(timings.items(), key=lambda kv: kv[1])[:4]
     summary = ", ".join(f"{name} {1e3 * t:.3g} ms" for name, t in top)
     reason = (f"fastest in a probe of {len(timings)} configurations (per sample: {summary}); "
