@@ -21,9 +21,11 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TorchSplit", "bernoulli_mask", "bernoulli_masks", "fast_dropout", "repeat_rows", "split_model"]
+__all__ = ["Masks", "TorchSplit", "bernoulli_mask", "bernoulli_masks", "channel_dropout_conv", "fast_dropout", "repeat_rows",
+           "split_model"]
 
 _FAST = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _CHANNEL_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
@@ -174,35 +176,152 @@ def bernoulli_mask(shape: tuple[int, ...], keep: float, generator: torch.Generat
     return bernoulli_masks(shape, keep, [generator], device)[0]
 
 
-def fast_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Generator] | None, copies: int,
-                 broadcast: bool = False) -> torch.Tensor:
+class Masks:
+    """Where one block's dropout masks come from: mask ``j`` of every dropout from ``generators[j]``, drawn for
+    all ``rows`` examples of the block, dropout after dropout in graph order (``None`` instead of a ``Masks``:
+    dropout inactive, used to validate a split).
+
+    When the suffix runs the block's examples in row blocks (:meth:`TorchSplit.row_block`), each dropout's masks
+    are drawn for all rows at its first use and kept for the following row blocks: every generator is consumed
+    in the same order as without row blocks, so the samples are the same however the rows are grouped."""
+
+    def __init__(self, generators: Sequence[torch.Generator | None], rows: int, row_blocks: bool = False,
+                 tables: dict | None = None) -> None:
+        self.generators, self.rows, self.start = generators, rows, 0
+        self._drawn: dict[int, torch.Tensor] | None = {} if row_blocks else None
+        self.tables = tables  # channel_dropout_conv's tables, kept across the blocks of a call when given
+
+    def take(self, key: int, per_row: tuple[int, ...], keep: float, rows: int, device: torch.device) -> torch.Tensor:
+        """``(copies, rows, *per_row)`` uint8 masks of dropout ``key`` for the current rows."""
+        if self._drawn is None:
+            return bernoulli_masks((rows,) + per_row, keep, self.generators, device)
+        drawn = self._drawn.get(key)
+        if drawn is None:
+            drawn = self._drawn[key] = bernoulli_masks((self.rows,) + per_row, keep, self.generators, device)
+        return drawn[:, self.start:self.start + rows]
+
+
+def fast_dropout(x: torch.Tensor, module: nn.Module, masks: Masks | None, copies: int, broadcast: bool = False,
+                 key: int = 0) -> torch.Tensor:
     """``module(x)`` in training mode on ``copies`` stacked copies, with masks from :func:`bernoulli_masks`.
 
     ``x`` holds the ``copies`` stacked copies, or, with ``broadcast=True``, a single copy (a frontier value
     whose only consumers are dropouts): the masks then broadcast against it, so the stacked input is never
     materialised, and the ``1/keep`` scale is applied to the single copy before the masks (the same values
     as scaling after in fp32: ``x * s * 1 == x * 1 * s``, zeros keep their sign; only an ``x / keep`` that
-    overflows float range would differ; under bf16 autocast the two orders may round differently). Copy ``j``'s mask comes from
-    ``generators[j]``, so a sample's randomness depends only on its own generator, never on how samples were
-    grouped into passes. ``generators=None`` means dropout inactive (identity), used to validate a split.
+    overflows float range would differ; under bf16 autocast the two orders may round differently). Copy ``j``'s
+    mask comes from generator ``j`` of ``masks`` (``key`` names this dropout in it), so a sample's randomness
+    depends only on its own generator, never on how samples were grouped into passes. ``masks=None`` means
+    dropout inactive (identity), used to validate a split.
     """
     kind = type(module)
     rank = _CHANNEL_RANK.get(kind)
     if rank is not None and x.dim() != rank:  # checked first, so that validating a split catches it
         raise _Unsupported(f"{kind.__name__} on a {x.dim()}-D input")
-    if generators is None or module.p == 0.0 or module.p == 1.0:
-        out = x if generators is None or module.p == 0.0 else _made(x * 0.0)
+    if masks is None or module.p == 0.0 or module.p == 1.0:
+        out = x if masks is None or module.p == 0.0 else _made(x * 0.0)
         return repeat_rows(out, copies) if broadcast else out
     rows = x.shape[0] if broadcast else x.shape[0] // copies
     per_row = tuple(x.shape[1:]) if rank is None else (x.shape[1],) + (1,) * (x.dim() - 2)
     keep = 1.0 - module.p
-    mask = bernoulli_masks((rows,) + per_row, keep, generators, x.device)  # (copies, rows, *per_row) uint8
+    mask = masks.take(key, per_row, keep, rows, x.device)  # (copies, rows, *per_row) uint8
     if broadcast:
         return _made(torch.mul(x.mul(1.0 / keep).unsqueeze(0), mask).flatten(0, 1))
     mask = mask.flatten(0, 1)
     if mask.numel() < x.numel():  # channel masks: scale the small mask, then one pass over x
         return _made(x.mul(mask.to(x.dtype).mul_(1.0 / keep)))  # x * (1 * s) == (x * 1) * s
     return _made(x.mul(mask).mul_(1.0 / keep))  # uint8 mask promotes to x's dtype
+
+
+#: A channel dropout + convolution pair is computed from per-channel tables when one example's table takes at
+#: most this many bytes (else as dropout, then convolution); row blocks hold tables of about ROW_TABLE_BYTES.
+MAX_TABLE_BYTES, ROW_TABLE_BYTES = 8 << 20, 2 << 20
+
+
+def _conv_output_size(x: torch.Tensor, conv: nn.Module) -> tuple[int, int]:
+    sizes = zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    return tuple((size + 2 * pad - dilation * (k - 1) - 1) // stride + 1 for size, k, stride, pad, dilation in sizes)
+
+
+def _table_bytes(x: torch.Tensor, conv: nn.Module) -> int | None:
+    """Bytes of one example's per-channel table for ``conv`` on ``x``, or None when the pair cannot be fused
+    (checked on the live module at every call: its attributes may have changed)."""
+    if not (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and x.dim() == 4 and math.prod(conv.kernel_size) >= 4):
+        return None
+    ho, wo = _conv_output_size(x, conv)
+    if min(ho, wo) < 1:
+        return None
+    return (conv.in_channels + 1) * ho * wo * conv.out_channels * conv.weight.element_size()
+
+
+def _folded(conv: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``conv``'s weight and bias with an inference-mode ``bn`` folded in (None when ``bn`` cannot be folded:
+    training mode or no running statistics)."""
+    if bn is None:
+        return conv.weight, conv.bias
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        return None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1)), shift
+
+
+def channel_dropout_conv(x: torch.Tensor, dropout: nn.Module, conv: nn.Module, bn: nn.Module | None,
+                         masks: Masks | None, copies: int, key: int) -> torch.Tensor:
+    """``bn(conv(dropout(x)))`` (``bn`` optional, inference mode) for ``copies`` samples of every example of
+    ``x``, a frontier value (one copy), where ``dropout`` is a ``Dropout2d``.
+
+    A channel mask ``m`` zeroes whole input channels, and a convolution is linear, so
+    ``conv(x * m / keep) = bias + sum_c m_c * (conv_c(x_c) / keep)``, where ``conv_c`` is the convolution
+    restricted to input channel ``c``. The per-channel outputs of each example (its *table*, C x the output
+    size) are computed once per block and each sample is a ``(copies, C + 1) @ (C + 1, output)`` product
+    with the masks (the extra row adds the bias): for a 3x3 kernel ~9x fewer multiply-adds than convolving
+    every sample. The masks are the ones :func:`fast_dropout` would draw (same generator, same order), so
+    the samples are the same as unfused, up to floating-point rounding. Pairs whose table would be too large
+    (or whose convolution cannot be unfolded) run as dropout, then convolution.
+    """
+    folded = _folded(conv, bn)
+    table_bytes = _table_bytes(x, conv)
+    if folded is None or table_bytes is None or table_bytes > MAX_TABLE_BYTES:
+        out = conv(fast_dropout(x, dropout, masks, copies, True, key))
+        return out if bn is None else bn(out)
+    weight, bias = folded
+    n, c = x.shape[:2]
+    o, (kh, kw) = weight.shape[0], weight.shape[2:]
+    rate = 0.0 if masks is None else dropout.p
+    keep = 1.0 - rate
+    ho, wo = _conv_output_size(x, conv)
+    device, tables = x.device, None if masks is None else masks.tables
+    lower = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    with torch.autocast(device.type, enabled=False):
+        if tables is None or any((key, row) not in tables for row in range(n)):
+            cols = F.unfold(x.to(weight.dtype), (kh, kw), conv.dilation, conv.padding, conv.stride)  # (n, c*k, L)
+            scaled = (weight * (1.0 / keep if keep > 0.0 else 0.0)).permute(1, 2, 3, 0).reshape(c, kh * kw, o)
+        coefficients = torch.ones((copies, n, c + 1), dtype=weight.dtype, device=device)
+        if masks is not None and rate > 0.0:
+            coefficients[:, :, :c] = masks.take(key, (c,), keep, n, device)
+        out = torch.empty((copies, n, ho * wo * o), dtype=lower or weight.dtype, device=device)
+        for row in range(n):
+            table = None if tables is None else tables.get((key, row))
+            if table is None:
+                table = torch.empty((c + 1, ho * wo, o), dtype=weight.dtype, device=device)
+                torch.matmul(cols[row].view(c, kh * kw, ho * wo).transpose(1, 2), scaled, out=table[:c])
+                table[c] = 0.0 if bias is None else bias
+                table = table.view(c + 1, ho * wo * o)
+                table = _made(table if lower is None else table.to(lower))
+                if tables is not None:
+                    tables[(key, row)] = table
+            a = coefficients[:, row] if lower is None else coefficients[:, row].to(lower)
+            torch.mm(a, table, out=out[:, row])
+    # (copies * n, O, Ho, Wo) in a channels-last layout, as oneDNN would return it
+    return _made(out.view(copies * n, ho, wo, o).permute(0, 3, 1, 2))
 
 
 def repeat_rows(x: torch.Tensor, copies: int) -> torch.Tensor:
@@ -226,10 +345,10 @@ class _Unsupported(Exception):
     pass
 
 
-def _native_dropout(x: torch.Tensor, module: nn.Module, generators: list[torch.Generator] | None,
+def _native_dropout(x: torch.Tensor, module: nn.Module, masks: Masks | None,
                     copies: int) -> torch.Tensor:
     """Dropout kinds without a fast path (AlphaDropout, FeatureAlphaDropout) run natively (global RNG)."""
-    return x if generators is None else module(x)
+    return x if masks is None else module(x)
 
 
 @dataclass
@@ -244,27 +363,56 @@ class TorchSplit:
     n_prefix_nodes: int
     n_suffix_nodes: int
     native_rng: bool  # True when some dropout still draws from the global RNG (not thread-deterministic)
+    #: (frontier index, convolution) of each channel dropout + convolution pair run by channel_dropout_conv
+    fused: tuple[tuple[int, nn.Module], ...] = ()
 
     def prefix(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The frontier values for ``x``. Image-like tensors come back channels-last: the same values in the
         memory layout oneDNN convolutions and pooling run fastest on (measured ~2x on this project's CPU)."""
         return [_channels_last(t) for t in self.prefix_module(x)]
 
+    def row_block(self, frontier: list[torch.Tensor]) -> int | None:
+        """Examples per suffix run, or None for all at once. Fused pairs build a table per example (C x their
+        output): the suffix then runs on row blocks whose tables take about ROW_TABLE_BYTES, each block's
+        samples reusing the tables, so memory stays bounded whatever the number of examples."""
+        sizes = [_table_bytes(frontier[i], conv) for i, conv in self.fused]
+        sizes = [size for size in sizes if size is not None and size <= MAX_TABLE_BYTES]
+        n = int(frontier[0].shape[0]) if frontier else 0
+        step = max(1, ROW_TABLE_BYTES // max(sizes)) if sizes else None
+        return step if step is not None and step < n else None
+
     def suffix(self, frontier: list[torch.Tensor], generators: list[torch.Generator] | None,
-               copies: int | None = None) -> torch.Tensor:
-        """``len(generators)`` samples (or ``copies`` inactive copies) stacked along the batch axis."""
+               copies: int | None = None, tables: dict | None = None) -> torch.Tensor:
+        """``len(generators)`` samples (or ``copies`` inactive copies) stacked along the batch axis. ``tables``:
+        a dict the caller keeps for all blocks of one frontier, so that fused pairs build their tables once
+        (used when all examples run at once; with row blocks each block builds its own)."""
         copies = len(generators) if generators is not None else copies
         if copies is None:
             raise ValueError("suffix: give generators or copies")
+        step = self.row_block(frontier)
         with torch.no_grad():  # also in worker threads, where grad mode is not inherited
-            return self.suffix_module(*frontier, generators, copies)
+            if step is None:
+                masks = None if generators is None else Masks(generators, 0, tables=tables)
+                return self.suffix_module(*frontier, masks, copies)
+            n = int(frontier[0].shape[0])
+            masks = None if generators is None else Masks(generators, n, row_blocks=True)
+            parts = []
+            for start in range(0, n, step):
+                if masks is not None:
+                    masks.start = start
+                out = self.suffix_module(*[f[start:start + step] for f in frontier], masks, copies)
+                parts.append(out.view((copies, -1) + tuple(out.shape[1:])))
+            return torch.cat(parts, 1).flatten(0, 1)
 
     @property
     def description(self) -> str:
-        return f"{self.n_prefix_nodes} graph nodes run once, {self.n_suffix_nodes} per sample"
+        fused = f"; {len(self.fused)} channel dropout + convolution pair(s) from per-channel tables" \
+            if self.fused else ""
+        return f"{self.n_prefix_nodes} graph nodes run once, {self.n_suffix_nodes} per sample{fused}"
 
 
-def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence[nn.Module] = ()) -> TorchSplit:
+def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence[nn.Module] = (),
+           fuse: bool = True) -> TorchSplit:
     traced = torch.fx.symbolic_trace(model)
     graph = traced.graph
     modules = dict(traced.named_modules())
@@ -303,7 +451,7 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence
 
     suffix = torch.fx.Graph()
     env2: dict[torch.fx.Node, torch.fx.Node] = {n: suffix.placeholder(f"frontier_{i}") for i, n in enumerate(frontier)}
-    generator = suffix.placeholder("generators")
+    masks = suffix.placeholder("masks")
     copies = suffix.placeholder("copies")
 
     def is_fast(node: torch.fx.Node) -> bool:
@@ -314,22 +462,35 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence
     for f in frontier:
         if any(not (is_fast(u) and u.args[0] is f) for u in f.users if u in stochastic):
             env2[f] = suffix.call_function(repeat_rows, (single[f], copies))
+    # A Dropout2d on a frontier value, read only by a convolution: computed together (channel_dropout_conv).
+    pairs = {}
+    for node in graph.nodes:
+        if fuse and is_fast(node) and node.args[0] in single and (conv := _fusable(node, modules)) is not None:
+            pairs[conv] = node
+    keys = {node: i for i, node in enumerate(n for n in graph.nodes if is_fast(n))}
     native = False
     for node in graph.nodes:
-        if node in single or (node not in stochastic and node in batched):
+        if node in single or (node not in stochastic and node in batched) or node in pairs.values():
             continue
         if is_dropout(node):
             module = suffix.get_attr(node.target)
             source = node.args[0]
             if is_fast(node):
                 broadcast = source in single
-                args = (single[source] if broadcast else env2[source], module, generator, copies, broadcast)
+                args = (single[source] if broadcast else env2[source], module, masks, copies, broadcast, keys[node])
                 env2[node] = suffix.call_function(fast_dropout, args)
             else:
                 native = True
-                env2[node] = suffix.call_function(_native_dropout, (env2[source], module, generator, copies))
+                env2[node] = suffix.call_function(_native_dropout, (env2[source], module, masks, copies))
         elif node in env2:
             continue  # a BatchNorm already fused into the convolution before it
+        elif node in pairs:
+            dropout, bn = pairs[node], _folds_into(node, modules)
+            args = (single[dropout.args[0]], suffix.get_attr(dropout.target), suffix.get_attr(node.target),
+                    None if bn is None else suffix.get_attr(bn.target), masks, copies, keys[dropout])
+            env2[node] = suffix.call_function(channel_dropout_conv, args)
+            if bn is not None:
+                env2[bn] = env2[node]
         elif (bn := _folds_into(node, modules)) is not None:
             args = (env2[node.args[0]], suffix.get_attr(node.target), suffix.get_attr(bn.target))
             env2[node] = env2[bn] = suffix.call_function(conv_bn, args)
@@ -337,10 +498,11 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence
             env2[node] = suffix.call_function(torch.relu_, (env2[node.args[0]],))
         else:
             env2[node] = suffix.node_copy(node, lambda n: env2[n])
+    fused = tuple((frontier.index(d.args[0]), modules[conv.target]) for conv, d in pairs.items())
     n_pre = sum(1 for n in graph.nodes if n not in stochastic and n.op not in ("placeholder", "output"))
     n_suf = sum(1 for n in stochastic if n.op != "output")
     return TorchSplit(
-        torch.fx.GraphModule(traced, prefix), torch.fx.GraphModule(traced, suffix), n_pre, n_suf, native
+        torch.fx.GraphModule(traced, prefix), torch.fx.GraphModule(traced, suffix), n_pre, n_suf, native, fused
     )
 
 
@@ -356,6 +518,19 @@ def _folds_into(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.
     ok = (user.op == "call_module" and isinstance(modules.get(user.target), _NORMS) and len(user.args) == 1
           and not user.kwargs and len(node.args) == 1 and not node.kwargs
           and _unhooked(modules[node.target], modules[user.target]))
+    return user if ok else None
+
+
+def _fusable(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.Node | None:
+    """The convolution node that ``node`` (a ``Dropout2d`` call) feeds and nothing else reads, when the pair can
+    run as :func:`channel_dropout_conv` (a plain 2-D convolution with a kernel of at least 4 taps, no hooks)."""
+    if type(modules[node.target]) is not nn.Dropout2d or len(node.users) != 1:
+        return None
+    (user,) = node.users
+    conv = modules.get(user.target) if user.op == "call_module" else None
+    ok = (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
+          and isinstance(conv.padding, tuple) and math.prod(conv.kernel_size) >= 4
+          and len(user.args) == 1 and not user.kwargs and _unhooked(modules[node.target], conv))
     return user if ok else None
 
 
@@ -395,17 +570,10 @@ def conv_bn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
     the activations instead of two; the same function up to rounding). Folded from the live parameters on
     every call, so nothing is cached or changed. A BatchNorm in training mode (or without running statistics)
     runs as it is."""
-    if bn.training or bn.running_mean is None or bn.running_var is None:
+    folded = _folded(conv, bn)
+    if folded is None:
         return bn(conv(x))
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    weight = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1))
+    weight, shift = folded
     return _made(conv._conv_forward(x, weight, shift))
 
 
@@ -473,12 +641,19 @@ def _plain(value: object, depth: int = 0) -> object:
 
 def split_model(model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor,
                 dropout_types: tuple[type, ...]) -> tuple[TorchSplit | None, str]:
-    """Trace and split ``model`` (call inside MC mode). Returns ``(split, why)`` or ``(None, why not)``."""
-    try:
-        split = _build(model, dropout_types, dropouts)
-        _validate(split, model, dropouts, x[: min(int(x.shape[0]), 3)])
-    except _Unsupported as exc:
-        return None, str(exc)
-    except Exception as exc:  # tracing fails on data-dependent control flow and other dynamic code
-        return None, f"torch.fx could not trace or run the model ({type(exc).__name__}: {str(exc)[:200]})"
-    return split, split.description
+    """Trace and split ``model`` (call inside MC mode). Returns ``(split, why)`` or ``(None, why not)``. A split
+    with fused channel dropout + convolution pairs that fails validation is retried without them."""
+    why = ""
+    for fuse in (True, False):
+        split = None
+        try:
+            split = _build(model, dropout_types, dropouts, fuse)
+            _validate(split, model, dropouts, x[: min(int(x.shape[0]), 3)])
+            return split, split.description
+        except _Unsupported as exc:
+            why = str(exc)
+        except Exception as exc:  # tracing fails on data-dependent control flow and other dynamic code
+            why = f"torch.fx could not trace or run the model ({type(exc).__name__}: {str(exc)[:200]})"
+        if split is None or not split.fused:
+            break
+    return None, why

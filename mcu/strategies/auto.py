@@ -28,6 +28,7 @@ from mcu.strategies.prefix import DEFAULT_ROWS as PREFIX_ROWS
 from mcu.strategies.prefix import PrefixStrategy
 from mcu.strategies.vectorized import DEFAULT_ROWS as VECTORIZED_ROWS
 from mcu.strategies.vectorized import VectorizedStrategy
+from mcu.strategies.vectorized import blocks as block_sizes
 
 __all__ = ["prepare"]
 
@@ -147,10 +148,22 @@ def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int]]:
     limits = {"vectorized": _max_copies(plan, budget, per_copy_full, n_samples)}
     if plan.split is not None:
         frontier = plan.split.prefix(plan.x)
-        suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generators(plan.model, [0])))
-        stacked = 0 if getattr(plan.split, "repeats_frontier", False) else sum(backend.nbytes(f) for f in frontier)
-        per_copy = None if suffix is None else suffix + stacked  # a repeated frontier buffer holds every copy
-        limits["prefix"] = _max_copies(plan, budget, per_copy, n_samples)
+        if getattr(plan.split, "fused", None):
+            # Fused pairs build per-example tables shared by all copies, for all examples at once or in row
+            # blocks of `step` examples: one row block at one and two copies gives the fixed bytes (tables)
+            # and the bytes per copy.
+            step = plan.split.row_block(frontier)
+            rows = frontier if step is None else [f[:step] for f in frontier]
+            one, two = (backend.activation_bytes(lambda k=k: plan.split.suffix(
+                rows, backend.generators(plan.model, list(range(k))))) for k in (1, 2))
+            per_copy = None if one is None or two is None else max(two - one, 1)
+            fixed = 0 if per_copy is None else max(one - per_copy, 0)
+            limits["prefix"] = _max_copies(plan, max(budget - fixed, per_copy or 1), per_copy, n_samples)
+        else:
+            suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generators(plan.model, [0])))
+            stacked = 0 if getattr(plan.split, "repeats_frontier", False) else sum(backend.nbytes(f) for f in frontier)
+            per_copy = None if suffix is None else suffix + stacked  # a repeated frontier buffer holds every copy
+            limits["prefix"] = _max_copies(plan, budget, per_copy, n_samples)
         # every worker holds its own block: the budget is shared between them
         limits["parallel"] = max(1, limits["prefix"] // _workers(plan))
     return budget, limits
@@ -197,8 +210,10 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
             timed(LoopStrategy(), 1, "loop")
         for strategy, limit in scanned:
             previous, worse = float("inf"), 0
-            # powers of two, and the limit itself (all samples in one pass when the budget allows it)
-            for copies in sorted({c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())):
+            # powers of two, and the limit itself (all samples in one pass when the budget allows it), each as
+            # the block size the call will really run (100 samples at 32 copies: 4 blocks of 25)
+            sizes = {c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())
+            for copies in sorted({block_sizes(n_samples, c)[0] for c in sizes}):
                 seconds = timed(strategy, copies, f"{strategy.name}x{copies}")
                 worse = worse + 1 if seconds > 1.2 * previous else 0
                 if worse == 2:  # twice past the family's best (cache effects, not one noisy run): stop growing

@@ -22,12 +22,15 @@ __all__ = ["PrefixStrategy", "plan_blocks", "run_block"]
 DEFAULT_ROWS = 512
 
 
-def run_block(plan: Plan, frontier: list[Any], seeds: list[int]) -> np.ndarray:
+def run_block(plan: Plan, frontier: list[Any], seeds: list[int], tables: dict | None = None) -> np.ndarray:
     """One block: ``len(seeds)`` samples from the frontier (sliced from a repeated buffer unless the split
-    stacks the copies itself)."""
+    stacks the copies itself). ``tables``: kept by the caller across the blocks of one frontier, for splits
+    that precompute per-example tables (PyTorch's fused channel dropout + convolution)."""
     n, copies = plan.n_rows, len(seeds)
     inputs = frontier if _repeats_itself(plan) else [f[: copies * n] for f in frontier]
-    out = plan.backend.to_numpy(plan.split.suffix(inputs, plan.backend.generators(plan.model, seeds)))
+    generators = plan.backend.generators(plan.model, seeds)
+    kwargs = {} if tables is None else {"tables": tables}
+    out = plan.backend.to_numpy(plan.split.suffix(inputs, generators, **kwargs))
     return out.reshape((copies, n) + out.shape[1:])
 
 
@@ -55,5 +58,6 @@ class PrefixStrategy:
         if plan.split is None:
             raise RuntimeError("the prefix strategy needs plan.split (prepared by mcu.strategies.auto.prepare)")
         frontier, blocks = plan_blocks(plan, n_samples)
+        tables = {} if getattr(plan.split, "fused", None) else None
         for seeds in blocks:
-            yield run_block(plan, frontier, seeds)
+            yield run_block(plan, frontier, seeds, tables)

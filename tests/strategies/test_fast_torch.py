@@ -14,7 +14,7 @@ from mcu.backends import (
     _torch_graph,  # noqa: E402
     get_backend,  # noqa: E402
 )
-from mcu.backends._torch_graph import bernoulli_mask, bernoulli_masks, fast_dropout  # noqa: E402
+from mcu.backends._torch_graph import Masks, bernoulli_mask, bernoulli_masks, fast_dropout  # noqa: E402
 from tests import _models  # noqa: E402
 
 
@@ -90,8 +90,8 @@ def test_the_tie_fallback_draws_from_the_masks_own_generator_and_stays_exact(mon
 def test_broadcast_dropout_equals_dropout_on_stacked_copies(module):
     x = torch.randn(5, 3, 4, 4).contiguous(memory_format=torch.channels_last)
     stacked = x.repeat(4, 1, 1, 1).contiguous(memory_format=torch.channels_last)
-    expected = fast_dropout(stacked, module, _gens(range(4)), 4)
-    out = fast_dropout(x, module, _gens(range(4)), 4, broadcast=True)
+    expected = fast_dropout(stacked, module, Masks(_gens(range(4)), 0), 4)
+    out = fast_dropout(x, module, Masks(_gens(range(4)), 0), 4, broadcast=True)
     assert out.shape == expected.shape and torch.equal(out, expected)
     assert out.is_contiguous(memory_format=torch.channels_last)  # the layout convolutions run fastest on
     assert torch.equal(fast_dropout(x, module, None, 3, broadcast=True), stacked[:15])
@@ -319,17 +319,131 @@ def test_conv_bn_folding_matches_the_two_modules(affine, bias):
         torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)))
 
 
+def _with_bn_stats(model, shape):
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, *shape))
+    return model.eval()
+
+
 def test_the_suffix_folds_batchnorm_into_the_convolution_before_it():
-    model = _models.zoo("torch").cnn()  # with BatchNorm running statistics as after training
-    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    # element-wise dropout before the convolution: not a channel dropout + convolution pair, so conv_bn
+    model = _with_bn_stats(nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.25), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 6 * 6, 3)), (1, 8, 8))
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
     split, why = _split(model, x)
     assert split is not None, why
-    assert "conv_bn" in split.suffix_module.code
+    assert "conv_bn" in split.suffix_module.code and not split.fused
     model.eval()  # dropout inactive: the folded suffix must reproduce the model, on each stacked copy
     with torch.no_grad():
         expected = model(torch.from_numpy(x))
         out = split.suffix(split.prefix(torch.from_numpy(x)), None, copies=2)
     torch.testing.assert_close(out, torch.cat([expected, expected]), rtol=1e-5, atol=1e-5)
+
+
+def _pair_model(conv: nn.Conv2d, bn: bool = True, size: int = 12):
+    """conv-ReLU (prefix), then Dropout2d + ``conv`` (+ BatchNorm): a channel dropout + convolution pair."""
+    layers = [nn.Conv2d(2, conv.in_channels, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.25), conv]
+    layers += [nn.BatchNorm2d(conv.out_channels)] if bn else []
+    probe = nn.Sequential(*layers).eval()(torch.zeros(1, 2, size, size))
+    layers += [nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(probe[0].numel(), 3)]
+    return _with_bn_stats(nn.Sequential(*layers), (2, size, size))
+
+
+@pytest.mark.parametrize("conv, bn", [
+    (nn.Conv2d(5, 7, 3, padding=1), True),
+    (nn.Conv2d(5, 7, 3, padding=1, bias=False), False),
+    (nn.Conv2d(5, 7, (3, 2), stride=2, padding=(1, 0), dilation=(2, 1)), True),
+    (nn.Conv2d(5, 7, 5), False),
+])
+@pytest.mark.parametrize("n", [1, 4, 9])  # 9 examples: the suffix runs in row blocks (table bytes shrunk below)
+def test_a_fused_channel_dropout_convolution_gives_the_unfused_samples(conv, bn, n, monkeypatch):
+    """The pair computed from per-channel tables draws the same masks as dropout-then-convolution (same
+    generators, same order), so the samples agree up to rounding, whatever the rows per block."""
+    monkeypatch.setattr(_torch_graph, "ROW_TABLE_BYTES", 4 * _torch_graph._table_bytes(
+        torch.zeros(1, 5, 12, 12), conv))
+    model = _pair_model(conv, bn)
+    backend = get_backend("torch")
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((n, 2, 12, 12)).astype(np.float32))
+    with backend.mc_mode(model):
+        dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+        fused = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=True)
+        plain = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=False)
+        assert fused.fused and not plain.fused and "channel_dropout_conv" in fused.suffix_module.code
+        frontier = fused.prefix(x)
+        assert (fused.row_block(frontier) is not None) == (n == 9)
+        seeds = list(range(40, 46))
+        a = fused.suffix(frontier, backend.generators(model, seeds), tables={})
+        b = plain.suffix(frontier, backend.generators(model, seeds))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert a.std(0).min() > 0  # the masks do vary between samples
+        # inactive dropout: the model's own output for every copy
+        for m in dropouts:
+            m.eval()
+        out = fused.suffix(frontier, None, copies=2)
+        expected = model(x)
+        torch.testing.assert_close(out, torch.cat([expected, expected]), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_samples_do_not_depend_on_the_block_or_row_grouping(monkeypatch):
+    model = _models.zoo("torch").cnn()
+    x = np.random.default_rng(0).standard_normal((6, 1, 28, 28)).astype(np.float32)
+    reference = mcu.sample(model, x, 12, strategy="prefix", seed=3, chunk_size=12 * 6)
+    for chunk in (6, 5 * 6):
+        torch.testing.assert_close(mcu.sample(model, x, 12, strategy="prefix", seed=3, chunk_size=chunk),
+                                   reference, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(_torch_graph, "ROW_TABLE_BYTES", 1)  # one example per row block
+    torch.testing.assert_close(mcu.sample(model, x, 12, strategy="prefix", seed=3, chunk_size=4 * 6),
+                               reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_pairs_are_not_used_where_they_do_not_apply():
+    backend = get_backend("torch")
+    cases = [
+        nn.Conv2d(5, 7, 1),  # a 1x1 kernel: no fewer multiply-adds
+        nn.Conv2d(6, 6, 3, groups=2),
+        nn.Conv2d(5, 7, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(5, 7, 3, padding="same"),
+    ]
+    for conv in cases:
+        model = _pair_model(conv, bn=False)
+        x = torch.zeros(2, 2, 12, 12)
+        with backend.mc_mode(model):
+            split, why = backend.split(model, x)
+        assert split is not None and not split.fused, (conv, why)
+    hooked = _pair_model(nn.Conv2d(5, 7, 3))
+    hooked[3].register_forward_hook(lambda *a: None)
+    with backend.mc_mode(hooked):
+        split, why = backend.split(hooked, torch.zeros(2, 2, 12, 12))
+    assert split is not None and not split.fused
+
+
+def test_a_fused_pair_with_a_changed_module_falls_back_at_call_time():
+    """The pair re-checks the live convolution on every call (here its padding mode changes after tracing)
+    and then runs as dropout, then convolution."""
+    conv = nn.Conv2d(5, 7, 3, padding=1)
+    model = _pair_model(conv, bn=True)
+    backend = get_backend("torch")
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((3, 2, 12, 12)).astype(np.float32))
+    with backend.mc_mode(model):
+        dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+        fused = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=True)
+        plain = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=False)
+        frontier = fused.prefix(x)
+        conv.padding_mode = "circular"  # now not unfoldable: both must give circular-padding results
+        a = fused.suffix(frontier, backend.generators(model, [1, 2, 3]))
+        b = plain.suffix(frontier, backend.generators(model, [1, 2, 3]))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_fused_samples_are_close_to_fp32():
+    model = _models.zoo("torch").cnn()
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    a = mcu.sample(model, x, 20, strategy="prefix", seed=5)
+    b = mcu.sample(model, x, 20, strategy="prefix", seed=5, precision="bf16")
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # same masks; bf16 rounding only
 
 
 def test_modules_with_forward_hooks_are_called_not_rewritten():
