@@ -12,6 +12,7 @@ on two stacked copies, so a batch-size constant captured by the trace cannot sil
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import threading
@@ -54,6 +55,13 @@ def _made(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@functools.lru_cache(maxsize=64)
+def _shifts(b: int, device: torch.device) -> torch.Tensor:
+    """``(1, 8 // b, 1)`` uint8 shifts 0, b, 2b, ...: plane ``s`` of a byte holds its bits [s*b, (s+1)*b)."""
+    return (torch.arange(8 // b, dtype=torch.uint8) * b).view(1, -1, 1).to(device)
+
+
+@functools.lru_cache(maxsize=256)
 def _keep_bits(keep: float) -> tuple[int, int]:
     """``(b, q)`` with ``keep == q / 2**b`` for the smallest ``b`` in 1, 2, 4, 8 (dyadic keep rates: 0.5, 0.75,
     0.9375, any multiple of 1/256); otherwise ``(0, q)`` with ``q`` the first 104 bits of ``keep``'s expansion."""
@@ -104,8 +112,7 @@ def bernoulli_masks(shape: tuple[int, ...], keep: float, generators: Sequence[to
             mask = torch.lt(raw, q, out=torch.empty((k, n_bytes), dtype=torch.uint8, device=device))
         else:  # b-bit fields: plane s holds bits [s*b, (s+1)*b) of every byte (any fixed layout is exact)
             planes = torch.empty((k, per_byte, n_bytes), dtype=torch.uint8, device=device)
-            for s in range(per_byte):
-                torch.bitwise_right_shift(raw, s * b, out=planes[:, s])
+            torch.bitwise_right_shift(raw.unsqueeze(1), _shifts(b, device), out=planes)
             planes &= (1 << b) - 1
             if b == 1:
                 mask = planes  # keep = 1/2: the bit itself (P(bit = 1) = 1/2)

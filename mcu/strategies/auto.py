@@ -158,7 +158,10 @@ def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int]]:
                 rows, backend.generators(plan.model, list(range(k))))) for k in (1, 2))
             per_copy = None if one is None or two is None else max(two - one, 1)
             fixed = 0 if per_copy is None else max(one - per_copy, 0)
-            limits["prefix"] = _max_copies(plan, max(budget - fixed, per_copy or 1), per_copy, n_samples)
+            # The tables, like the frontier, are held once per call whatever the copies: they come out of an
+            # explicit max_memory, but do not shrink the default floor for the copies (MIN_BUDGET).
+            room = budget - fixed if plan.max_memory is not None else max(budget - fixed, MIN_BUDGET)
+            limits["prefix"] = _max_copies(plan, max(room, per_copy or 1), per_copy, n_samples)
         else:
             suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generators(plan.model, [0])))
             stacked = 0 if getattr(plan.split, "repeats_frontier", False) else sum(backend.nbytes(f) for f in frontier)

@@ -518,3 +518,17 @@ def test_a_scripted_dropout_before_the_first_dropout_module_stays_random_per_sam
     loop = mcu.sample(model, x, 200, strategy="loop", seed=1)
     ratio = fast.std(0).mean() / loop.std(0).mean()
     assert 0.85 < ratio < 1.15  # a once-drawn (prefix-cached) mask gave ~0.57
+
+
+def test_the_tables_of_fused_pairs_count_once_in_the_memory_budget():
+    """Tables are built once per call (per row block), not per copy: charged once against an explicit
+    max_memory, and the copies then get what is left."""
+    model = _models.zoo("torch").cnn()  # Dropout2d + 8->16 conv on 14x14: one example's table is 9*16*196*4 bytes
+    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    table = 9 * 16 * 14 * 14 * 4
+    _, info = mcu.sample(model, x, 100, strategy="prefix", max_memory=table // 2, return_info=True)
+    assert info.details["copies_per_pass"] == 1
+    copies = [mcu.sample(model, x, 100, strategy="prefix", max_memory=table + k * 16 * 14 * 14 * 4,
+                         return_info=True)[1].details["copies_per_pass"] for k in (8, 32)]
+    # a copy holds at least the convolution's output (16 x 14 x 14 floats): at most k copies fit
+    assert 1 < copies[0] <= 8 and copies[0] < copies[1] <= 32, copies
