@@ -532,3 +532,23 @@ def test_the_tables_of_fused_pairs_count_once_in_the_memory_budget():
                          return_info=True)[1].details["copies_per_pass"] for k in (8, 32)]
     # a copy holds at least the convolution's output (16 x 14 x 14 floats): at most k copies fit
     assert 1 < copies[0] <= 8 and copies[0] < copies[1] <= 32, copies
+
+
+def test_reused_buffers_never_overwrite_a_result_still_in_use():
+    """The fused convolution's output buffer is reused by later blocks only when nothing references it: here
+    the model's output *is* (a view of) that buffer, and every block's samples must survive the next block."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.5), nn.Conv2d(4, 3, 3)).eval()
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    backend = get_backend("torch")
+    with backend.mc_mode(model):
+        dropouts = [model[2]]
+        fused = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=True)
+        plain = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=False)
+        frontier = fused.prefix(torch.from_numpy(x))
+        tables: dict = {}
+        blocks = [fused.suffix(frontier, backend.generators(model, [s, s + 1]), tables=tables) for s in (0, 2, 4)]
+        expected = [plain.suffix(frontier, backend.generators(model, [s, s + 1])) for s in (0, 2, 4)]
+    for got, want in zip(blocks, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    samples = mcu.sample(model, x, 12, strategy="prefix", seed=1, chunk_size=2 * 2)
+    assert len({s.tobytes() for s in samples}) == 12  # no block's samples were overwritten by a later one
