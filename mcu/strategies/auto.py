@@ -116,6 +116,8 @@ def _max_copies(plan: Plan, budget: int, per_copy: int | None, n_samples: int) -
 #: Timed repeats per probed configuration (the fastest counts: interference from other processes only ever
 #: makes a run slower), and the time after which a configuration is not repeated.
 PROBE_REPEATS, PROBE_SECONDS, PROBE_SCANS = 3, 0.05, 2
+#: The second scan re-times only configurations within this factor of the best time of the first.
+RESCAN_FACTOR = 2.0
 #: Worker threads are only probed when the best single-thread block takes at least this long.
 PARALLEL_MIN_BLOCK_SECONDS = 2e-3
 #: With a split, vectorized is also probed when one full pass takes less than this (per sample).
@@ -208,7 +210,7 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
     # a choice that is cached for good.
     scanned = [(strategy, limit) for strategy, limit in families if strategy.name != "parallel"]
     threaded = [(strategy, limit) for strategy, limit in families if strategy.name == "parallel"]
-    for _ in range(PROBE_SCANS):
+    for scan in range(PROBE_SCANS):
         if not plan.seeded:
             timed(LoopStrategy(), 1, "loop")
         for strategy, limit in scanned:
@@ -217,7 +219,11 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
             # the block size the call will really run (100 samples at 32 copies: 4 blocks of 25)
             sizes = {c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())
             for copies in sorted({block_sizes(n_samples, c)[0] for c in sizes}):
-                seconds = timed(strategy, copies, f"{strategy.name}x{copies}")
+                name = f"{strategy.name}x{copies}"
+                if scan and timings.get(name, 0.0) > RESCAN_FACTOR * min(timings.values()):
+                    seconds = timings[name]  # far behind the best already: not worth timing again
+                else:
+                    seconds = timed(strategy, copies, name)
                 worse = worse + 1 if seconds > 1.2 * previous else 0
                 if worse == 2:  # twice past the family's best (cache effects, not one noisy run): stop growing
                     break
