@@ -69,6 +69,9 @@ def machine_info() -> dict[str, Any]:
         "versions": versions,
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
                                                    "TF_NUM_INTEROP_THREADS") if k in os.environ},
+        # glibc malloc settings and preloaded allocators: fresh multi-MB buffers may cost page faults on every
+        # call with glibc's defaults, which changed timings here by up to 3x (benchmarks/RESULTS.md)
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
     }
 
 
@@ -79,6 +82,8 @@ def summary(info: dict[str, Any], backends: dict[str, Any] | None = None) -> lis
         (f"machine  {info['cpu']}, {info['cores_usable']}/{info['cores']} cores, {info['ram_gb']} GB RAM, "
          f"GPU: {info['gpu'] or 'none'}; flags: {' '.join(info['cpu_flags_notable']) or '-'}"),
         f"software python {info['python']}, " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "malloc   " + (", ".join(f"{k}={val}" for k, val in info.get("allocator_env", {}).items())
+                       or "glibc defaults (no MALLOC_* variables, nothing preloaded)"),
     ]
     for name, env in (backends or {}).items():
         lines.append(f"threads  {name}: " + ", ".join(f"{k}={val}" for k, val in env.get("threads", {}).items()))

@@ -5,7 +5,8 @@
 - ``timing``: one case (workload, N, T) and its configurations (mcu strategy x precision, or an external).
   Each configuration gets a probe (two calls at min(T, 10) samples: the first is the cold call, reported as
   ``first_call_s``; skipped when the second projects a run above ``max_run_seconds``), a warm-up run at the
-  full T (reported separately as ``warmup_s``), then ``repeats`` rounds that visit every configuration
+  full T (reported separately as ``warmup_s``), a second full-T call that sizes the rounds (the warm-up may
+  include one-off work such as ``auto``'s probe for this T), then ``repeats`` rounds that visit every configuration
   once, in an order rotated each round. Reported: median, quartiles, min/max, samples/s and the speed-up over
   ``loop``/fp32 as the median of the per-round ratios (the two ran back to back, so drift cancels).
 - ``memory``: one configuration; the process is fresh, so its peak RSS belongs to it alone.
@@ -177,6 +178,9 @@ def run_timing(task: dict, settings: dict) -> list[dict]:
                 warnings.simplefilter("always")
                 row["first_call_s"] = probe(run, x, t, settings.get("max_run_seconds"))
                 row["warmup_s"] = timed(run, x, t)
+                # a second call sizes the rounds: the warm-up may include one-off work (auto's probe for
+                # this T, seconds on a CNN), which must not cut the number of repeats
+                row["round_s"] = timed(run, x, t)
             row["note"] = "; ".join(sorted({str(w.message).split(";")[0] for w in caught})) or None
             row.update(info)
             active.append((row, run))
@@ -186,7 +190,7 @@ def run_timing(task: dict, settings: dict) -> list[dict]:
             row.update(status="FAILED", error=error_text(exc))
     if not active:
         return rows
-    round_s = sum(row["warmup_s"] for row, _ in active)
+    round_s = sum(row["round_s"] for row, _ in active)
     repeats = max(1, min(settings["repeats"], int(settings.get("case_seconds", 1e9) // max(round_s, 1e-9))))
     times: list[list[float]] = [[] for _ in active]
     with warnings.catch_warnings():

@@ -67,15 +67,15 @@ def _within_budget(plan: Plan, strategy: Any, reason: str, n_samples: int) -> st
     the caller set ``chunk_size``. The measurement is cached per model and input shape."""
     if strategy.name == "loop":
         return reason
-    default = plan.copies_per_pass(DEFAULT_ROWS[strategy.name])
     if plan.chunk_size is not None:
-        plan.copies = default
+        plan.copies = plan.copies_per_pass(DEFAULT_ROWS[strategy.name])
         return reason
     key = ("limits", *_key(plan, n_samples))
     cache = _cache.setdefault(plan.model, {})
     if key not in cache:
         cache[key] = _isolated(plan, lambda: _limits(plan, n_samples))
-    budget, limits = cache[key]
+    budget, limits, rows = cache[key]
+    default = plan.copies_per_pass(DEFAULT_ROWS[strategy.name], None if strategy.name == "vectorized" else rows)
     plan.copies = min(default, limits[strategy.name])
     if plan.copies < default:
         reason += (f"; copies per pass capped at {plan.copies} (default {default}) by the memory budget of "
@@ -141,13 +141,15 @@ def _time_per_sample(strategy: Any, plan: Plan, copies: int) -> float:
     return best / n
 
 
-def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int]]:
-    """The memory budget and, per strategy, the most copies per pass that stay within it (one full pass and
-    one suffix pass are measured; call under the backend's ``seeded`` block: they draw random numbers)."""
+def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int], int]:
+    """The memory budget, per strategy the most copies per pass that stay within it, and the rows one copy
+    puts in a suffix pass (N, or the row block of a split with fused pairs). One full pass and suffix passes
+    are measured; call under the backend's ``seeded`` block: they draw random numbers."""
     backend = plan.backend
     per_copy_full = backend.activation_bytes(lambda: backend.forward(plan.model, plan.x))
     budget = _budget(plan, per_copy_full)
     limits = {"vectorized": _max_copies(plan, budget, per_copy_full, n_samples)}
+    rows = plan.n_rows
     if plan.split is not None:
         frontier = plan.split.prefix(plan.x)
         if getattr(plan.split, "fused", None):
@@ -155,9 +157,10 @@ def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int]]:
             # blocks of `step` examples: one row block at one and two copies gives the fixed bytes (tables)
             # and the bytes per copy.
             step = plan.split.row_block(frontier)
-            rows = frontier if step is None else [f[:step] for f in frontier]
+            rows = step or plan.n_rows
+            block = frontier if step is None else [f[:step] for f in frontier]
             one, two = (backend.activation_bytes(lambda k=k: plan.split.suffix(
-                rows, backend.generators(plan.model, list(range(k))))) for k in (1, 2))
+                block, backend.generators(plan.model, list(range(k))))) for k in (1, 2))
             per_copy = None if one is None or two is None else max(two - one, 1)
             fixed = 0 if per_copy is None else max(one - per_copy, 0)
             # The tables, like the frontier, are held once per call whatever the copies: they come out of an
@@ -171,7 +174,7 @@ def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int]]:
             limits["prefix"] = _max_copies(plan, budget, per_copy, n_samples)
         # every worker holds its own block: the budget is shared between them
         limits["parallel"] = max(1, limits["prefix"] // _workers(plan))
-    return budget, limits
+    return budget, limits, rows
 
 
 def _workers(plan: Plan) -> int:
@@ -184,7 +187,7 @@ def _loop_seconds(plan: Plan) -> float:
 
 def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, int, str]:
     backend = plan.backend
-    budget, limits = _limits(plan, n_samples)
+    budget, limits, _ = _limits(plan, n_samples)
     # A seeded call only compares configurations that return the same samples (per-sample generators).
     # Vectorized runs the whole model per copy: with a split, prefix does the same work minus the prefix with
     # cheaper masks, and wins unless the whole pass is tiny (then per-sample mask overhead decides). So with a

@@ -57,11 +57,16 @@ class Plan:
     def n_rows(self) -> int:
         return int(self.x.shape[0])
 
-    def copies_per_pass(self, default_rows: int) -> int:
-        """Copies of the batch per forward pass: tuned value, else ``chunk_size`` (or ``default_rows``) // N."""
+    def copies_per_pass(self, default_rows: int, rows_per_copy: int | None = None) -> int:
+        """Copies of the batch per forward pass: the tuned value, else ``chunk_size // N``, else ``default_rows``
+        over the rows one copy puts in a pass (``rows_per_copy``: N, or fewer when a split runs the examples
+        in row blocks)."""
         if self.copies is not None:
             return self.copies
-        return max(1, (self.chunk_size or max(default_rows, self.n_rows)) // self.n_rows)
+        if self.chunk_size is not None:
+            return max(1, self.chunk_size // self.n_rows)
+        rows = rows_per_copy or self.n_rows
+        return max(1, max(default_rows, rows) // rows)
 
     def sample_seeds(self, n_samples: int) -> list[int]:
         """One seed per sample, derived from the session seed in sample order (stateful: each call continues

@@ -37,11 +37,12 @@ def run_block(plan: Plan, frontier: list[Any], seeds: list[int], tables: dict | 
 def plan_blocks(plan: Plan, n_samples: int) -> tuple[list[Any], list[list[int]]]:
     """The frontier (repeated for splits that need it) and the per-sample seeds in blocks of at most
     ``copies``."""
-    copies = plan.copies_per_pass(DEFAULT_ROWS)
+    frontier = plan.split.prefix(plan.x)
+    row_block = getattr(plan.split, "row_block", None)  # a split running the examples in row blocks
+    copies = plan.copies_per_pass(DEFAULT_ROWS, row_block(frontier) if row_block else None)
     seeds = plan.sample_seeds(n_samples)
     starts = np.cumsum([0] + block_sizes(n_samples, copies))
     blocks = [seeds[a:b] for a, b in zip(starts[:-1], starts[1:])]
-    frontier = plan.split.prefix(plan.x)
     if not _repeats_itself(plan):
         frontier = [plan.backend.repeat(f, len(blocks[0])) for f in frontier]
     return frontier, blocks
