@@ -52,3 +52,16 @@ def test_bench_smoke(tmp_path, capsys):
     assert "FAILED[" in (tmp_path / "RESULTS.md").read_text()
     printed = capsys.readouterr().out
     assert "Timing" in printed and "FAILED[" in printed and "no-such-strategy" in printed
+
+
+def test_page_faults_script_reports_time_and_faults_per_call(capsys):
+    require_backend("torch")
+    import pytest
+
+    from benchmarks.page_faults import main
+
+    main(["--workload", "mlp", "--n", "2", "--t", "5", "--strategy", "prefix", "--calls", "3"])
+    line = capsys.readouterr().out
+    assert "mlp N=2 T=5 prefix:" in line and "ms/call" in line and "minor page faults/call" in line
+    with pytest.raises(SystemExit):
+        main(["--workload", "no-such-workload"])

@@ -397,6 +397,8 @@ class TorchSplit:
     native_rng: bool  # True when some dropout still draws from the global RNG (not thread-deterministic)
     #: (frontier index, convolution) of each channel dropout + convolution pair run by channel_dropout_conv
     fused: tuple[tuple[int, nn.Module], ...] = ()
+    #: the same split without fused pairs (for few copies per pass the tables do not pay; ``auto`` probes both)
+    unfused: "TorchSplit | None" = None
     #: per thread: buffers the fused pairs reuse across blocks and calls when all examples run at once (freed
     #: with the split)
     _buffers: threading.local = field(default_factory=threading.local, init=False, repr=False, compare=False)
@@ -693,6 +695,9 @@ def split_model(model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor,
         try:
             split = _build(model, dropout_types, dropouts, fuse)
             _validate(split, model, dropouts, x[: min(int(x.shape[0]), 3)])
+            if split.fused:
+                split.unfused = _build(model, dropout_types, dropouts, fuse=False)
+                _validate(split.unfused, model, dropouts, x[: min(int(x.shape[0]), 3)])
             return split, split.description
         except _Unsupported as exc:
             why = str(exc)

@@ -185,53 +185,69 @@ def _loop_seconds(plan: Plan) -> float:
     return _time_per_sample(LoopStrategy(), plan, 1)
 
 
-def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, int, str]:
+def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, int, str, bool]:
+    """The fastest configuration: ``(strategy, copies, reason, unfused)``; ``unfused``: run the split's variant
+    without fused pairs (PyTorch: the per-channel tables only pay with enough copies per pass)."""
     backend = plan.backend
     budget, limits, _ = _limits(plan, n_samples)
+    split, plain = plan.split, getattr(plan.split, "unfused", None)
     # A seeded call only compares configurations that return the same samples (per-sample generators).
     # Vectorized runs the whole model per copy: with a split, prefix does the same work minus the prefix with
     # cheaper masks, and wins unless the whole pass is tiny (then per-sample mask overhead decides). So with a
     # split, vectorized is probed only for passes under TINY_PASS_SECONDS per sample (probing it on a
     # 784-512-10 MLP cost ~20 MB of allocator and BLAS buffers for nothing).
-    families: list[tuple[Any, int]] = []
+    families: list[tuple[Any, int, Any]] = []  # (strategy, most copies per pass, split variant)
     if vectorized and not plan.seeded and (plan.split is None or _loop_seconds(plan) < TINY_PASS_SECONDS):
-        families.append((VectorizedStrategy(), limits["vectorized"]))
+        families.append((VectorizedStrategy(), limits["vectorized"], split))
     if plan.split is not None:
-        families.append((PrefixStrategy(), limits["prefix"]))
+        families.append((PrefixStrategy(), limits["prefix"], split))
+        if plain is not None:  # same samples up to rounding: also fine for a seeded call
+            plan.split = plain
+            try:
+                families.append((PrefixStrategy(), _limits(plan, n_samples)[1]["prefix"], plain))
+            finally:
+                plan.split = split
         if _workers(plan) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
-            families.append((ParallelStrategy(), limits["parallel"]))
+            families.append((ParallelStrategy(), limits["parallel"], split))
     timings: dict[str, float] = {}
-    configs: dict[str, tuple[Any, int]] = {}
+    configs: dict[str, tuple[Any, int, bool]] = {}
 
-    def timed(strategy: Any, copies: int, name: str) -> float:
-        seconds = min(timings.get(name, float("inf")), _time_per_sample(strategy, plan, copies))
-        timings[name], configs[name] = seconds, (strategy, copies)
+    def timed(strategy: Any, copies: int, name: str, variant: Any = split) -> float:
+        plan.split = variant
+        try:
+            seconds = min(timings.get(name, float("inf")), _time_per_sample(strategy, plan, copies))
+        finally:
+            plan.split = split
+        timings[name], configs[name] = seconds, (strategy, copies, variant is plain and plain is not None)
         return seconds
+
+    def label(strategy: Any, variant: Any) -> str:
+        return strategy.name + ("-unfused" if variant is plain and plain is not None else "")
 
     # Two scans, each configuration keeping its faster time: a process's first second of work runs slower
     # and erratically (allocator and thread-pool warm-up; measured up to 4x), which one scan would bake into
     # a choice that is cached for good.
-    scanned = [(strategy, limit) for strategy, limit in families if strategy.name != "parallel"]
-    threaded = [(strategy, limit) for strategy, limit in families if strategy.name == "parallel"]
+    scanned = [family for family in families if family[0].name != "parallel"]
+    threaded = [family for family in families if family[0].name == "parallel"]
     for scan in range(PROBE_SCANS):
         if not plan.seeded:
             timed(LoopStrategy(), 1, "loop")
-        for strategy, limit in scanned:
+        for strategy, limit, variant in scanned:
             previous, worse = float("inf"), 0
             # powers of two, and the limit itself (all samples in one pass when the budget allows it), each as
             # the block size the call will really run (100 samples at 32 copies: 4 blocks of 25)
             sizes = {c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())
             for copies in sorted({block_sizes(n_samples, c)[0] for c in sizes}):
-                name = f"{strategy.name}x{copies}"
+                name = f"{label(strategy, variant)}x{copies}"
                 if scan and timings.get(name, 0.0) > RESCAN_FACTOR * min(timings.values()):
                     seconds = timings[name]  # far behind the best already: not worth timing again
                 else:
-                    seconds = timed(strategy, copies, name)
+                    seconds = timed(strategy, copies, name, variant)
                 worse = worse + 1 if seconds > 1.2 * previous else 0
                 if worse == 2:  # twice past the family's best (cache effects, not one noisy run): stop growing
                     break
                 previous = min(previous, seconds)
-        for strategy, limit in threaded:
+        for strategy, limit, _ in threaded:
             # Worker threads only where a block is long enough to amortise handing it to a thread, at the best
             # single-thread block size shared between the workers and twice that: every block size a worker
             # allocates stays in its allocator arena (a full scan of sizes added ~70 MB to a pool scoring).
@@ -242,12 +258,12 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
             for copies in sorted({share, min(limit, 2 * share)}):
                 timed(strategy, copies, f"{strategy.name}x{copies}")
     name = min(timings, key=timings.__getitem__) if timings else "prefixx1"
-    strategy, copies = configs.get(name, (PrefixStrategy(), 1))
+    strategy, copies, unfused = configs.get(name, (PrefixStrategy(), 1, False))
     top = sorted(timings.items(), key=lambda kv: kv[1])[:4]
     summary = ", ".join(f"{name} {1e3 * t:.3g} ms" for name, t in top)
     reason = (f"fastest in a probe of {len(timings)} configurations (per sample: {summary}); "
               f"memory budget {budget / 2**20:.0f} MB; cached for this model and input shape")
-    return strategy, copies, reason
+    return strategy, copies, reason, unfused
 
 
 def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any, str]:
@@ -288,8 +304,11 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
     cache = _cache.setdefault(plan.model, {})
     if key not in cache:
         cache[key] = _isolated(plan, lambda: _probe(plan, n_samples, vectorized=not stacking))
-    strategy, copies, reason = cache[key]
+    strategy, copies, reason, unfused = cache[key]
     plan.copies = copies
+    if unfused and getattr(plan.split, "unfused", None) is not None:  # a flag, not the object: splits get rebuilt
+        plan.split = plan.split.unfused
+        why = f"{plan.split.description}; channel dropout + convolution pairs not fused (faster at {copies} copies)"
     return strategy, f"{strategy.name} with {copies} copies per pass: {reason}{_split_note(plan, why)}"
 
 
