@@ -552,3 +552,25 @@ def test_reused_buffers_never_overwrite_a_result_still_in_use():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     samples = mcu.sample(model, x, 12, strategy="prefix", seed=1, chunk_size=2 * 2)
     assert len({s.tobytes() for s in samples}) == 12  # no block's samples were overwritten by a later one
+
+
+def test_auto_can_choose_the_split_without_fused_pairs(monkeypatch):
+    """The tables only pay with enough copies per pass, so auto also times the unfused variant of the split;
+    when that is faster it runs it (and says so), with the same samples up to rounding."""
+    from mcu.strategies import auto
+
+    model = _models.zoo("torch").cnn()
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    timed_fused = []
+
+    def fake_time(strategy, plan, copies):  # the unfused variant "wins"; record which variants were timed
+        fused = bool(getattr(plan.split, "fused", ()))
+        timed_fused.append(fused)
+        return 1.0 if fused or strategy.name != "prefix" else 0.5
+
+    monkeypatch.setattr(auto, "_time_per_sample", fake_time)
+    samples, info = mcu.sample(model, x, 20, seed=4, return_info=True)
+    assert True in timed_fused and False in timed_fused
+    assert info.strategy == "prefix" and "not fused" in info.strategy_reason, info.strategy_reason
+    fused = mcu.sample(model, x, 20, strategy="prefix", seed=4)
+    np.testing.assert_allclose(samples, fused, rtol=1e-5, atol=1e-5)
