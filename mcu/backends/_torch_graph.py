@@ -194,7 +194,7 @@ class Masks:
 
     def __init__(self, generators: Sequence[torch.Generator | None], rows: int, row_blocks: bool = False,
                  tables: dict | None = None, buffers: dict | None = None) -> None:
-        self.generators, self.rows, self.start = generators, rows, 0
+        self.generators, self.rows, self.start, self.block = generators, rows, 0, rows
         self._drawn: dict[int, torch.Tensor] | None = {} if row_blocks else None
         self.tables = tables  # channel_dropout_conv's tables, kept across the blocks of a call when given
         self.buffers = buffers  # reusable memory for channel_dropout_conv (see _buffer)
@@ -203,6 +203,8 @@ class Masks:
         """``(copies, rows, *per_row)`` uint8 masks of dropout ``key`` for the current rows."""
         if self._drawn is None:
             return bernoulli_masks((rows,) + per_row, keep, self.generators, device)
+        if rows != self.block:  # e.g. a dropout after a reshape that changed the rows; validation rejects these
+            raise RuntimeError(f"row block of {self.block} examples, but a dropout sees {rows} rows per copy")
         drawn = self._drawn.get(key)
         if drawn is None:
             drawn = self._drawn[key] = bernoulli_masks((self.rows,) + per_row, keep, self.generators, device)
@@ -307,7 +309,7 @@ def channel_dropout_conv(x: torch.Tensor, dropout: nn.Module, conv: nn.Module, b
     keep = 1.0 - rate
     ho, wo = _conv_output_size(x, conv)
     device, tables = x.device, None if masks is None else masks.tables
-    lower = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    lower = _autocast_dtype(device.type)
     with torch.autocast(device.type, enabled=False):
         if tables is None or any((key, row) not in tables for row in range(n)):
             cols = F.unfold(x.to(weight.dtype), (kh, kw), conv.dilation, conv.padding, conv.stride)  # (n, c*k, L)
@@ -332,6 +334,16 @@ def channel_dropout_conv(x: torch.Tensor, dropout: nn.Module, conv: nn.Module, b
     return _made(out.view(copies * n, ho, wo, o).permute(0, 3, 1, 2))
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in effect for ``device_type`` (None: autocast off); torch < 2.4 spelled it per device."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (AttributeError, TypeError):
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 def _buffer(masks: Masks | None, role: tuple, shape: tuple[int, ...], dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
     """An uninitialised tensor for ``role``, made from this thread's buffer of an earlier block or call when
@@ -349,15 +361,30 @@ def _buffer(masks: Masks | None, role: tuple, shape: tuple[int, ...], dtype: tor
     return out.view(shape)
 
 
+def _use_count(t: torch.Tensor) -> int | None:
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private
+    return None if use_count is None else use_count(t.untyped_storage()._cdata)
+
+
+_ALONE: list[int | None] = []  # the use count of a tensor nothing else references, measured once
+
+
 def _unreferenced(t: torch.Tensor) -> bool:
     """Whether ``t`` is the only tensor using its memory (no view of it is alive: not in a caller's result, a
-    hook's keeping, an array made from it). Uses torch's private storage use count; without it, False."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return use_count is not None and use_count(t.untyped_storage()._cdata) == 2  # t, and the query's handle
+    hook's keeping, an array made from it): its storage use count equals that of a fresh, unshared tensor
+    (measured, not assumed: the count includes torch's own bookkeeping). Without the private API, False."""
+    if not _ALONE:
+        _ALONE.append(_use_count(torch.empty(1)))
+    count = _use_count(t)
+    return count is not None and count == _ALONE[0]
 
 
 def repeat_rows(x: torch.Tensor, copies: int) -> torch.Tensor:
-    """``copies`` stacked copies of ``x`` along the batch axis, keeping a channels-last layout."""
+    """``copies`` stacked copies of ``x`` along the batch axis, keeping a channels-last layout. A plain value
+    (e.g. a size read from the input) is the same for every copy and passes through; one that depends on the
+    batch size would not, and the split's validation refuses it."""
+    if not isinstance(x, torch.Tensor):
+        return x
     out = x.repeat(copies, *([1] * (x.dim() - 1)))
     for layout, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
         if x.dim() == dim and x.is_contiguous(memory_format=layout) and not x.is_contiguous():
@@ -411,22 +438,28 @@ class TorchSplit:
     def row_block(self, frontier: list[torch.Tensor]) -> int | None:
         """Examples per suffix run, or None for all at once. Fused pairs build a table per example (C x their
         output): the suffix then runs on row blocks whose tables take about ROW_TABLE_BYTES, each block's
-        samples reusing the tables, so memory stays bounded whatever the number of examples."""
+        samples reusing the tables, so the tables' memory does not grow with the number of examples (the
+        masks of the later dropouts and the results, drawn and kept for all examples, still do)."""
+        if not self.fused:
+            return None
         sizes = [_table_bytes(frontier[i], conv) for i, conv in self.fused]
         sizes = [size for size in sizes if size is not None and size <= MAX_TABLE_BYTES]
-        n = int(frontier[0].shape[0]) if frontier else 0
-        step = max(1, ROW_TABLE_BYTES // max(sizes)) if sizes else None
-        return step if step is not None and step < n else None
+        if not sizes:
+            return None
+        n = int(frontier[self.fused[0][0]].shape[0])
+        step = max(1, ROW_TABLE_BYTES // sum(sizes))
+        return step if step < n else None
 
     def suffix(self, frontier: list[torch.Tensor], generators: list[torch.Generator] | None,
-               copies: int | None = None, tables: dict | None = None) -> torch.Tensor:
+               copies: int | None = None, tables: dict | None = None, row_block: int | None = None) -> torch.Tensor:
         """``len(generators)`` samples (or ``copies`` inactive copies) stacked along the batch axis. ``tables``:
         a dict the caller keeps for all blocks of one frontier, so that fused pairs build their tables once
-        (used when all examples run at once; with row blocks each block builds its own)."""
+        (used when all examples run at once; with row blocks each block builds its own). ``row_block``: force
+        row blocks of that many examples, 0 for all at once (validation)."""
         copies = len(generators) if generators is not None else copies
         if copies is None:
             raise ValueError("suffix: give generators or copies")
-        step = self.row_block(frontier)
+        step = self.row_block(frontier) if row_block is None else (row_block or None)
         with torch.no_grad():  # also in worker threads, where grad mode is not inherited
             if step is None:
                 buffers = self._buffers.__dict__ if self.fused else None
@@ -434,13 +467,14 @@ class TorchSplit:
                 return self.suffix_module(*frontier, masks, copies)
             # Row blocks allocate fresh buffers: keeping them gained nothing measurable here (N=64 benchmark CNN)
             # and held ~7 MB more at the peak.
-            n = int(frontier[0].shape[0])
+            n = int(frontier[self.fused[0][0]].shape[0])
             masks = None if generators is None else Masks(generators, n, row_blocks=True)
             result = None
             for start in range(0, n, step):
                 if masks is not None:
-                    masks.start = start
-                out = self.suffix_module(*[f[start:start + step] for f in frontier], masks, copies)
+                    masks.start, masks.block = start, min(step, n - start)
+                rows = [f[start:start + step] if isinstance(f, torch.Tensor) else f for f in frontier]
+                out = self.suffix_module(*rows, masks, copies)
                 out = out.view((copies, -1) + tuple(out.shape[1:]))
                 # filled in place: small per-row-block results kept in a list, allocated between the row blocks'
                 # large buffers, fragmented glibc's heap (+100 MB over one N=64 call of the benchmark CNN, at random)
@@ -509,14 +543,22 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence
         if any(not (is_fast(u) and u.args[0] is f) for u in f.users if u in stochastic):
             env2[f] = suffix.call_function(repeat_rows, (single[f], copies))
     # A Dropout2d on a frontier value, read only by a convolution: computed together (channel_dropout_conv).
-    pairs = {}
+    pairs = {}  # dropout node -> its convolution node
     for node in graph.nodes:
         if fuse and is_fast(node) and node.args[0] in single and (conv := _fusable(node, modules)) is not None:
-            pairs[conv] = node
+            pairs[node] = conv
     keys = {node: i for i, node in enumerate(n for n in graph.nodes if is_fast(n))}
     native = False
     for node in graph.nodes:
-        if node in single or (node not in stochastic and node in batched) or node in pairs.values():
+        if node in single or (node not in stochastic and node in batched):
+            continue
+        if node in pairs:  # at the dropout's place in the graph: its masks are drawn in the unfused order
+            conv, bn = pairs[node], _folds_into(pairs[node], modules)
+            args = (single[node.args[0]], suffix.get_attr(node.target), suffix.get_attr(conv.target),
+                    None if bn is None else suffix.get_attr(bn.target), masks, copies, keys[node])
+            env2[conv] = suffix.call_function(channel_dropout_conv, args)
+            if bn is not None:
+                env2[bn] = env2[conv]
             continue
         if is_dropout(node):
             module = suffix.get_attr(node.target)
@@ -529,14 +571,7 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence
                 native = True
                 env2[node] = suffix.call_function(_native_dropout, (env2[source], module, masks, copies))
         elif node in env2:
-            continue  # a BatchNorm already fused into the convolution before it
-        elif node in pairs:
-            dropout, bn = pairs[node], _folds_into(node, modules)
-            args = (single[dropout.args[0]], suffix.get_attr(dropout.target), suffix.get_attr(node.target),
-                    None if bn is None else suffix.get_attr(bn.target), masks, copies, keys[dropout])
-            env2[node] = suffix.call_function(channel_dropout_conv, args)
-            if bn is not None:
-                env2[bn] = env2[node]
+            continue  # a BatchNorm already folded into the convolution before it, or a fused pair's convolution
         elif (bn := _folds_into(node, modules)) is not None:
             args = (env2[node.args[0]], suffix.get_attr(node.target), suffix.get_attr(bn.target))
             env2[node] = env2[bn] = suffix.call_function(conv_bn, args)
@@ -544,7 +579,7 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence
             env2[node] = suffix.call_function(torch.relu_, (env2[node.args[0]],))
         else:
             env2[node] = suffix.node_copy(node, lambda n: env2[n])
-    fused = tuple((frontier.index(d.args[0]), modules[conv.target]) for conv, d in pairs.items())
+    fused = tuple((frontier.index(d.args[0]), modules[conv.target]) for d, conv in pairs.items())
     n_pre = sum(1 for n in graph.nodes if n not in stochastic and n.op not in ("placeholder", "output"))
     n_suf = sum(1 for n in stochastic if n.op != "output")
     return TorchSplit(
@@ -643,6 +678,19 @@ def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x:
     for copy in (out[:n], out[n:]):
         if not torch.allclose(copy.float(), reference.float(), rtol=1e-4, atol=1e-5):
             raise _Unsupported("the split graph does not reproduce the model's output for stacked copies")
+    if split.fused and split.native_rng:  # row blocks could not be checked without touching the global RNG
+        raise _Unsupported("fused pairs need every dropout's masks from the per-sample generators")
+    if split.fused and n > 1:
+        # Row blocks (one example at a time) must give what all examples at once give, with real masks: a
+        # dropout whose rows a reshape changed, or a batch-size value in the frontier, would not.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            frontier = split.prefix(x)
+            seeds = (11, 12)
+            together = split.suffix(frontier, [torch.Generator(x.device).manual_seed(s) for s in seeds], row_block=0)
+            blocked = split.suffix(frontier, [torch.Generator(x.device).manual_seed(s) for s in seeds], row_block=1)
+        if together.shape != blocked.shape or not torch.allclose(together.float(), blocked.float(), rtol=1e-4,
+                                                                  atol=1e-5):
+            raise _Unsupported("running the examples in row blocks changes the samples")
 
 
 def still_valid(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor) -> bool:
@@ -696,8 +744,12 @@ def split_model(model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor,
             split = _build(model, dropout_types, dropouts, fuse)
             _validate(split, model, dropouts, x[: min(int(x.shape[0]), 3)])
             if split.fused:
-                split.unfused = _build(model, dropout_types, dropouts, fuse=False)
-                _validate(split.unfused, model, dropouts, x[: min(int(x.shape[0]), 3)])
+                try:
+                    plain = _build(model, dropout_types, dropouts, fuse=False)
+                    _validate(plain, model, dropouts, x[: min(int(x.shape[0]), 3)])
+                    split.unfused = plain
+                except Exception:  # noqa: BLE001 - the fused split stands on its own
+                    split.unfused = None
             return split, split.description
         except _Unsupported as exc:
             why = str(exc)

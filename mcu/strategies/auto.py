@@ -3,9 +3,10 @@
 ``auto`` picks the fastest exact strategy (in the requested precision) for this model and input shape by a
 short probe: each candidate (loop; vectorized and prefix at a few copies per pass; parallel) runs one block
 after a warm-up, and the lowest time per sample wins. A *seeded* call compares only configurations that
-return identical samples (prefix/parallel with per-sample generators, any copies or workers); where the
-model's dropout draws from a shared random state it uses a fixed configuration — so timing never changes
-what a seeded call returns. The probe runs under a fixed seed inside the backend's
+return the same samples (prefix/parallel with per-sample generators, any copies or workers, PyTorch splits
+with or without fused channel dropout + convolution pairs) up to floating-point rounding — the masks are
+identical, the sums may be added in another order; where the model's dropout draws from a shared random
+state it uses a fixed configuration — so timing never changes a seeded call's masks. The probe runs under a fixed seed inside the backend's
 ``seeded`` block, so it neither consumes the user's random stream nor changes a seeded call's result. The
 choice is cached per model, per-example input shape, batch size, precision and sample count bucket, so it is
 stable across calls, and it is explained in ``SampleInfo``. Copies per pass are capped by a memory budget
@@ -158,7 +159,7 @@ def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int], int]:
             # and the bytes per copy.
             step = plan.split.row_block(frontier)
             rows = step or plan.n_rows
-            block = frontier if step is None else [f[:step] for f in frontier]
+            block = frontier if step is None else [f[:step] if hasattr(f, "shape") else f for f in frontier]
             one, two = (backend.activation_bytes(lambda k=k: plan.split.suffix(
                 block, backend.generators(plan.model, list(range(k))))) for k in (1, 2))
             per_copy = None if one is None or two is None else max(two - one, 1)
@@ -251,7 +252,7 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
             # Worker threads only where a block is long enough to amortise handing it to a thread, at the best
             # single-thread block size shared between the workers and twice that: every block size a worker
             # allocates stays in its allocator arena (a full scan of sizes added ~70 MB to a pool scoring).
-            single = min((n for n in timings if n.startswith("prefix")), key=timings.__getitem__, default=None)
+            single = min((n for n in timings if n.startswith("prefixx")), key=timings.__getitem__, default=None)
             if single is None or timings[single] * configs[single][1] < PARALLEL_MIN_BLOCK_SECONDS:
                 continue
             share = max(1, min(limit, configs[single][1] // _workers(plan)))

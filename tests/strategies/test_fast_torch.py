@@ -574,3 +574,98 @@ def test_auto_can_choose_the_split_without_fused_pairs(monkeypatch):
     assert info.strategy == "prefix" and "not fused" in info.strategy_reason, info.strategy_reason
     fused = mcu.sample(model, x, 20, strategy="prefix", seed=4)
     np.testing.assert_allclose(samples, fused, rtol=1e-5, atol=1e-5)
+
+
+def _fused_and_plain(model, x):
+    backend = get_backend("torch")
+    with backend.mc_mode(model):
+        dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+        split, why = _torch_graph.split_model(model, dropouts, x, backend.dropout_types)
+        assert split is not None, why
+        plain = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=False)
+        frontier = split.prefix(x)
+        seeds = list(range(20, 26))
+        fused = split.suffix(frontier, backend.generators(model, seeds))
+        unfused = plain.suffix(frontier, backend.generators(model, seeds))
+    return split, fused, unfused
+
+
+class DropoutBetween(nn.Module):
+    """Another dropout runs between the Dropout2d and its convolution: masks must be drawn in model order."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.d2, self.d = nn.Conv2d(2, 5, 3, padding=1), nn.Dropout2d(0.25), nn.Dropout(0.5)
+        self.conv, self.out = nn.Conv2d(5, 7, 3), nn.Linear(7 * 10 * 10 + 5 * 12 * 12, 3)
+
+    def forward(self, x):
+        f = torch.relu(self.c1(x))
+        a = self.d2(f)
+        b = self.d(f.flatten(1))
+        return self.out(torch.cat([self.conv(a).flatten(1), b], 1))
+
+
+class IntFromInput(nn.Module):
+    """A plain int taken from the input's shape is a frontier value the row blocks must pass through."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.d2, self.conv = nn.Conv2d(2, 5, 3, padding=1), nn.Dropout2d(0.25), nn.Conv2d(5, 7, 3)
+        self.out = nn.Linear(7 * 10 * 10, 3)
+
+    def forward(self, x):
+        width = x.shape[-1]
+        return self.out(self.conv(self.d2(torch.relu(self.c1(x)))).flatten(1)) * (width / 12)
+
+
+class RowsReshaped(nn.Module):
+    """A dropout after a reshape that folds positions into rows: row blocks would mis-slice its masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.d2, self.conv = nn.Conv2d(2, 5, 3, padding=1), nn.Dropout2d(0.25), nn.Conv2d(5, 7, 3)
+        self.d, self.out = nn.Dropout(0.5), nn.Linear(7 * 10 * 10, 3)
+
+    def forward(self, x):
+        y = self.conv(self.d2(torch.relu(self.c1(x))))
+        y = self.d(y.permute(0, 2, 3, 1).reshape(-1, 7)).reshape(x.shape[0] * 0 + y.shape[0], -1)
+        return self.out(y)
+
+
+def test_fused_pairs_keep_the_model_order_of_mask_draws():
+    torch.manual_seed(0)
+    model = DropoutBetween().eval()
+    x = torch.randn(3, 2, 12, 12)
+    split, fused, unfused = _fused_and_plain(model, x)
+    assert split.fused
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
+def test_row_blocks_pass_plain_frontier_values_through(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(_torch_graph, "ROW_TABLE_BYTES", 1)  # one example per row block
+    model = IntFromInput().eval()
+    x = torch.randn(5, 2, 12, 12)
+    split, fused, unfused = _fused_and_plain(model, x)
+    assert split.fused and split.row_block(split.prefix(x)) == 1
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+
+
+def test_a_split_whose_row_blocks_would_change_the_samples_is_not_fused(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(_torch_graph, "ROW_TABLE_BYTES", 1)
+    model = RowsReshaped().eval()
+    x = torch.randn(4, 2, 12, 12)
+    split, fused, unfused = _fused_and_plain(model, x)
+    assert not split.fused  # validation ran the row blocks with real masks and refused the fusion
+    torch.testing.assert_close(fused, unfused)
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0, 0.3])
+def test_fused_pairs_at_edge_and_non_dyadic_rates(rate):
+    model = _pair_model(nn.Conv2d(5, 7, 3, padding=1))
+    model[2].p = rate
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((4, 2, 12, 12)).astype(np.float32))
+    split, fused, unfused = _fused_and_plain(model, x)
+    assert split.fused
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
