@@ -121,6 +121,8 @@ PROBE_REPEATS, PROBE_SECONDS, PROBE_SCANS = 3, 0.05, 2
 RESCAN_FACTOR = 2.0
 #: Worker threads are only probed when the best single-thread block takes at least this long.
 PARALLEL_MIN_BLOCK_SECONDS = 2e-3
+#: The split without fused pairs is probed only while the fused split's best block has fewer copies than this.
+UNFUSED_PROBE_COPIES = 32
 #: With a split, vectorized is also probed when one full pass takes less than this (per sample).
 TINY_PASS_SECONDS = 2e-4
 
@@ -234,6 +236,8 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
         if not plan.seeded:
             timed(LoopStrategy(), 1, "loop")
         for strategy, limit, variant in scanned:
+            if variant is plain and plain is not None and _fused_runs_many_copies(timings, configs):
+                continue  # the tables already pay at that many copies per pass: the unfused split cannot win much
             previous, worse = float("inf"), 0
             # powers of two, and the limit itself (all samples in one pass when the budget allows it), each as
             # the block size the call will really run (100 samples at 32 copies: 4 blocks of 25)
@@ -265,6 +269,14 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
     reason = (f"fastest in a probe of {len(timings)} configurations (per sample: {summary}); "
               f"memory budget {budget / 2**20:.0f} MB; cached for this model and input shape")
     return strategy, copies, reason, unfused
+
+
+def _fused_runs_many_copies(timings: dict[str, float], configs: dict[str, tuple]) -> bool:
+    """Whether the fastest fused-split prefix configuration so far runs at least UNFUSED_PROBE_COPIES copies
+    per pass (then the unfused variant is not probed: it only wins with few copies, and probing it added ~10 MB
+    of allocator and library caches on the benchmark CNN)."""
+    fused = [name for name in timings if name.startswith("prefixx")]
+    return bool(fused) and configs[min(fused, key=timings.__getitem__)][1] >= UNFUSED_PROBE_COPIES
 
 
 def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any, str]:
