@@ -25,8 +25,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Masks", "TorchSplit", "bernoulli_mask", "bernoulli_masks", "channel_dropout_conv", "fast_dropout", "repeat_rows",
-           "split_model"]
+__all__ = ["Masks", "TorchSplit", "bernoulli_mask", "bernoulli_masks", "channel_dropout_conv", "fast_dropout",
+           "repeat_rows", "split_model"]
 
 _FAST = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _CHANNEL_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
@@ -685,9 +685,11 @@ def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x:
         # dropout whose rows a reshape changed, or a batch-size value in the frontier, would not.
         with torch.autocast(device_type=x.device.type, enabled=False):
             frontier = split.prefix(x)
-            seeds = (11, 12)
-            together = split.suffix(frontier, [torch.Generator(x.device).manual_seed(s) for s in seeds], row_block=0)
-            blocked = split.suffix(frontier, [torch.Generator(x.device).manual_seed(s) for s in seeds], row_block=1)
+            def generators() -> list[torch.Generator]:
+                return [torch.Generator(x.device).manual_seed(seed) for seed in (11, 12)]
+
+            together = split.suffix(frontier, generators(), row_block=0)
+            blocked = split.suffix(frontier, generators(), row_block=1)
         if together.shape != blocked.shape or not torch.allclose(together.float(), blocked.float(), rtol=1e-4,
                                                                   atol=1e-5):
             raise _Unsupported("running the examples in row blocks changes the samples")

@@ -6,8 +6,9 @@ after a warm-up, and the lowest time per sample wins. A *seeded* call compares o
 return the same samples (prefix/parallel with per-sample generators, any copies or workers, PyTorch splits
 with or without fused channel dropout + convolution pairs) up to floating-point rounding — the masks are
 identical, the sums may be added in another order; where the model's dropout draws from a shared random
-state it uses a fixed configuration — so timing never changes a seeded call's masks. The probe runs under a fixed seed inside the backend's
-``seeded`` block, so it neither consumes the user's random stream nor changes a seeded call's result. The
+state it uses a fixed configuration — so timing never changes a seeded call's masks. The probe runs under a
+fixed seed inside the backend's ``seeded`` block, so it neither consumes the user's random stream nor
+changes a seeded call's result. The
 choice is cached per model, per-example input shape, batch size, precision and sample count bucket, so it is
 stable across calls, and it is explained in ``SampleInfo``. Copies per pass are capped by a memory budget
 (``max_memory``; by default about one full pass's activations, at least 4 MB).

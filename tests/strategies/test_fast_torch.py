@@ -14,7 +14,12 @@ from mcu.backends import (
     _torch_graph,  # noqa: E402
     get_backend,  # noqa: E402
 )
-from mcu.backends._torch_graph import Masks, bernoulli_mask, bernoulli_masks, fast_dropout  # noqa: E402
+from mcu.backends._torch_graph import (  # noqa: E402
+    Masks,
+    bernoulli_mask,
+    bernoulli_masks,
+    fast_dropout,
+)
 from tests import _models  # noqa: E402
 
 
