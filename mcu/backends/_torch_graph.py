@@ -366,17 +366,18 @@ def _use_count(t: torch.Tensor) -> int | None:
     return None if use_count is None else use_count(t.untyped_storage()._cdata)
 
 
-_ALONE: list[int | None] = []  # the use count of a tensor nothing else references, measured once
+@functools.lru_cache(maxsize=1)
+def _alone_count() -> int | None:
+    """The use count of a tensor nothing else references, measured once (it includes torch's bookkeeping)."""
+    return _use_count(torch.empty(1))
 
 
 def _unreferenced(t: torch.Tensor) -> bool:
     """Whether ``t`` is the only tensor using its memory (no view of it is alive: not in a caller's result, a
-    hook's keeping, an array made from it): its storage use count equals that of a fresh, unshared tensor
-    (measured, not assumed: the count includes torch's own bookkeeping). Without the private API, False."""
-    if not _ALONE:
-        _ALONE.append(_use_count(torch.empty(1)))
+    hook's keeping, an array made from it): its storage use count equals that of a fresh, unshared tensor.
+    Without the private API, False."""
     count = _use_count(t)
-    return count is not None and count == _ALONE[0]
+    return count is not None and count == _alone_count()
 
 
 def repeat_rows(x: torch.Tensor, copies: int) -> torch.Tensor:
@@ -450,6 +451,11 @@ class TorchSplit:
         step = max(1, ROW_TABLE_BYTES // sum(sizes))
         return step if step < n else None
 
+    @staticmethod
+    def rows(frontier: list[torch.Tensor], start: int, stop: int) -> list[torch.Tensor]:
+        """Examples ``start:stop`` of the frontier (plain values, e.g. sizes read from the input, as they are)."""
+        return [f[start:stop] if isinstance(f, torch.Tensor) else f for f in frontier]
+
     def suffix(self, frontier: list[torch.Tensor], generators: list[torch.Generator] | None,
                copies: int | None = None, tables: dict | None = None, row_block: int | None = None) -> torch.Tensor:
         """``len(generators)`` samples (or ``copies`` inactive copies) stacked along the batch axis. ``tables``:
@@ -473,8 +479,7 @@ class TorchSplit:
             for start in range(0, n, step):
                 if masks is not None:
                     masks.start, masks.block = start, min(step, n - start)
-                rows = [f[start:start + step] if isinstance(f, torch.Tensor) else f for f in frontier]
-                out = self.suffix_module(*rows, masks, copies)
+                out = self.suffix_module(*self.rows(frontier, start, start + step), masks, copies)
                 out = out.view((copies, -1) + tuple(out.shape[1:]))
                 # filled in place: small per-row-block results kept in a list, allocated between the row blocks'
                 # large buffers, fragmented glibc's heap (+100 MB over one N=64 call of the benchmark CNN, at random)
@@ -683,11 +688,10 @@ def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x:
     if split.fused and n > 1:
         # Row blocks (one example at a time) must give what all examples at once give, with real masks: a
         # dropout whose rows a reshape changed, or a batch-size value in the frontier, would not.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            frontier = split.prefix(x)
-            def generators() -> list[torch.Generator]:
-                return [torch.Generator(x.device).manual_seed(seed) for seed in (11, 12)]
+        def generators() -> list[torch.Generator]:
+            return [torch.Generator(x.device).manual_seed(seed) for seed in (11, 12)]
 
+        with torch.autocast(device_type=x.device.type, enabled=False):
             together = split.suffix(frontier, generators(), row_block=0)
             blocked = split.suffix(frontier, generators(), row_block=1)
         if together.shape != blocked.shape or not torch.allclose(together.float(), blocked.float(), rtol=1e-4,

@@ -162,7 +162,7 @@ def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int], int]:
             # and the bytes per copy.
             step = plan.split.row_block(frontier)
             rows = step or plan.n_rows
-            block = frontier if step is None else [f[:step] if hasattr(f, "shape") else f for f in frontier]
+            block = frontier if step is None else plan.split.rows(frontier, 0, step)
             one, two = (backend.activation_bytes(lambda k=k: plan.split.suffix(
                 block, backend.generators(plan.model, list(range(k))))) for k in (1, 2))
             per_copy = None if one is None or two is None else max(two - one, 1)
@@ -195,6 +195,10 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
     backend = plan.backend
     budget, limits, _ = _limits(plan, n_samples)
     split, plain = plan.split, getattr(plan.split, "unfused", None)
+
+    def is_plain(variant: Any) -> bool:
+        return plain is not None and variant is plain
+
     # A seeded call only compares configurations that return the same samples (per-sample generators).
     # Vectorized runs the whole model per copy: with a split, prefix does the same work minus the prefix with
     # cheaper masks, and wins unless the whole pass is tiny (then per-sample mask overhead decides). So with a
@@ -222,11 +226,8 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
             seconds = min(timings.get(name, float("inf")), _time_per_sample(strategy, plan, copies))
         finally:
             plan.split = split
-        timings[name], configs[name] = seconds, (strategy, copies, variant is plain and plain is not None)
+        timings[name], configs[name] = seconds, (strategy, copies, is_plain(variant))
         return seconds
-
-    def label(strategy: Any, variant: Any) -> str:
-        return strategy.name + ("-unfused" if variant is plain and plain is not None else "")
 
     # Two scans, each configuration keeping its faster time: a process's first second of work runs slower
     # and erratically (allocator and thread-pool warm-up; measured up to 4x), which one scan would bake into
@@ -237,14 +238,14 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
         if not plan.seeded:
             timed(LoopStrategy(), 1, "loop")
         for strategy, limit, variant in scanned:
-            if variant is plain and plain is not None and _fused_runs_many_copies(timings, configs):
+            if is_plain(variant) and _fused_runs_many_copies(timings, configs):
                 continue  # the tables already pay at that many copies per pass: the unfused split cannot win much
             previous, worse = float("inf"), 0
             # powers of two, and the limit itself (all samples in one pass when the budget allows it), each as
             # the block size the call will really run (100 samples at 32 copies: 4 blocks of 25)
             sizes = {c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())
             for copies in sorted({block_sizes(n_samples, c)[0] for c in sizes}):
-                name = f"{label(strategy, variant)}x{copies}"
+                name = f"{strategy.name}{'-unfused' if is_plain(variant) else ''}x{copies}"
                 if scan and timings.get(name, 0.0) > RESCAN_FACTOR * min(timings.values()):
                     seconds = timings[name]  # far behind the best already: not worth timing again
                 else:
