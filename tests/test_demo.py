@@ -49,7 +49,20 @@ def test_calibration_triage_and_active_round(demo):
     assert tri["report"].tiers[0].accuracy >= 0.97
     active = results["active"]
     assert len(active["bald"]["indices"]) == active["k"] == 30
-    assert active["bald"]["accuracy_after"] > active["accuracy_before"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "tensorflow"])
+def test_a_bald_round_improves_accuracy_on_average_over_seeds(backend):
+    """One round's gain is noisy (30 labels added to 3 per class): over seeds 0-9 the PyTorch round gained -1.7 to +12.9
+    points, losing at seed 0 only. The mean over five seeds is what a demo can promise."""
+    require_backend(backend)
+    gains = []
+    with models.single_thread(backend):
+        for seed in range(5):
+            cfg = pipeline.DemoConfig.quick(backend, progress=False, seed=seed)
+            active = pipeline.active_round(cfg, data.digits_splits(seed, cfg.held_out))
+            gains.append(active["bald"]["accuracy_after"] - active["accuracy_before"])
+    assert np.mean(gains) > 0.01 and sum(gain > 0 for gain in gains) >= 3, gains
 
 
 def test_diabetes_and_convergence(demo):

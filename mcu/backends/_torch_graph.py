@@ -3,10 +3,11 @@
 The traced graph is cut in two: the *prefix* (every node not downstream of a dropout module — a deterministic
 function of the input, run once on the N examples) and the *suffix* (the rest, run on k stacked copies of the
 prefix's outputs). In the suffix, ``Dropout``/``Dropout1d/2d/3d`` modules are replaced by :func:`fast_dropout`,
-whose Bernoulli masks come from bulk random bytes instead of per-element draws. Both graphs call the user's
-own module objects (no copy, nothing changed); tracing happens inside MC mode so that any ``self.training``
-branch is taken as in MC mode. Every split is validated once against the model itself with dropout inactive,
-on two stacked copies, so a batch-size constant captured by the trace cannot silently give wrong results.
+whose Bernoulli masks come from per-sample counter-based random streams (:mod:`mcu.backends._torch_rng`)
+instead of per-element draws. Both graphs call the user's own module objects (no copy, nothing changed);
+tracing happens inside MC mode so that any ``self.training`` branch is taken as in MC mode. Every split is
+validated once against the model itself with dropout inactive, on two stacked copies, so a batch-size constant
+captured by the trace cannot silently give wrong results.
 """
 
 from __future__ import annotations
@@ -14,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import sys
 import threading
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -25,13 +24,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Masks", "TorchSplit", "bernoulli_mask", "bernoulli_masks", "channel_dropout_conv", "fast_dropout",
-           "repeat_rows", "split_model"]
+from mcu.backends._torch_rng import Streams, bernoulli_masks
+
+__all__ = ["Masks", "TorchSplit", "channel_dropout_conv", "fast_dropout", "repeat_rows", "split_model"]
 
 _FAST = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _CHANNEL_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
-_WORD = 1 << 32
-_EXPANSION = 104  # bits of keep's binary expansion: 8 + 3 x 32
 
 
 _meters = threading.local()
@@ -55,146 +53,18 @@ def _made(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-@functools.lru_cache(maxsize=64)
-def _shifts(b: int, device: torch.device) -> torch.Tensor:
-    """``(1, 8 // b, 1)`` uint8 shifts 0, b, 2b, ...: plane ``s`` of a byte holds its bits [s*b, (s+1)*b)."""
-    return (torch.arange(8 // b, dtype=torch.uint8) * b).view(1, -1, 1).to(device)
-
-
-@functools.lru_cache(maxsize=256)
-def _keep_bits(keep: float) -> tuple[int, int]:
-    """``(b, q)`` with ``keep == q / 2**b`` for the smallest ``b`` in 1, 2, 4, 8 (dyadic keep rates: 0.5, 0.75,
-    0.9375, any multiple of 1/256); otherwise ``(0, q)`` with ``q`` the first 104 bits of ``keep``'s expansion."""
-    q = int(Fraction(keep) * (1 << _EXPANSION))
-    for b in (1, 2, 4, 8):
-        if q % (1 << (_EXPANSION - b)) == 0:
-            return b, q >> (_EXPANSION - b)
-    return 0, q
-
-
-def _draw_rows(generators: Sequence[torch.Generator | None], draws: int, device: torch.device) -> torch.Tensor:
-    """``(k, draws)`` int64 words uniform on [0, 2**63), row ``j`` from ``generators[j]`` (one call per row:
-    ``random_`` on int64 is a 64-bit draw modulo 2**63; the cost is per drawn word, so packing many mask bits
-    into each word is what makes masks cheap)."""
-    rows = torch.empty((len(generators), draws), dtype=torch.int64, device=device)
-    for row, generator in zip(rows, generators):
-        row.random_(generator=generator)
-    return rows
-
-
-def _bytes(words: torch.Tensor) -> torch.Tensor:
-    """The low 7 bytes (56 uniform bits) of each 63-bit word: ``(k, w)`` int64 -> ``(k, 7 w)`` uint8."""
-    k, w = words.shape
-    low = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the top byte holds the always-0 bit 63
-    return words.view(torch.uint8).view(k, w, 8)[:, :, low].reshape(k, 7 * w)
-
-
-def bernoulli_masks(shape: tuple[int, ...], keep: float, generators: Sequence[torch.Generator | None],
-                    device: torch.device) -> torch.Tensor:
-    """``(k, *shape)`` uint8 masks of independent Bernoulli(``keep``) draws, mask ``j`` from ``generators[j]``.
-
-    Exact for ``keep`` as a float64. Dyadic rates ``keep = q / 2**b`` (b = 1, 2, 4 or 8) compare ``b``-bit
-    fields of random bytes with ``q``: one random bit per element for ``keep = 0.5``. Other rates compare a
-    random byte with the first 8 bits of ``keep``'s binary expansion; the ~1/256 of elements that tie draw
-    32-bit words compared with the next bits (words reserved per mask in the same draw; rare overflows and
-    second ties draw more from the mask's own generator). The expansion has 104 bits, which represents every
-    float64 ``keep >= 2**-52`` exactly; below that the error is under 2**-104.
-    """
-    k, n = len(generators), math.prod(shape)
-    if not 0.0 < keep < 1.0:
-        return torch.full((k,) + tuple(shape), int(keep >= 1.0), dtype=torch.uint8, device=device)
-    b, q = _keep_bits(keep)
-    if b:
-        per_byte = 8 // b
-        n_bytes = -(-n // per_byte)
-        raw = _bytes(_draw_rows(generators, -(-n_bytes // 7), device))[:, :n_bytes]
-        if b == 8:
-            mask = torch.lt(raw, q, out=torch.empty((k, n_bytes), dtype=torch.uint8, device=device))
-        else:  # b-bit fields: plane s holds bits [s*b, (s+1)*b) of every byte (any fixed layout is exact)
-            planes = torch.empty((k, per_byte, n_bytes), dtype=torch.uint8, device=device)
-            torch.bitwise_right_shift(raw.unsqueeze(1), _shifts(b, device), out=planes)
-            planes &= (1 << b) - 1
-            if b == 1:
-                mask = planes  # keep = 1/2: the bit itself (P(bit = 1) = 1/2)
-            else:
-                mask = torch.lt(planes, q, out=planes)
-        mask = mask.view(k, -1)
-        return (mask if mask.shape[1] == n else mask[:, :n].contiguous()).view((k,) + tuple(shape))
-    first, rest = q >> 96, [(q >> shift) & (_WORD - 1) for shift in (64, 32, 0)]
-    draws = -(-n // 7)
-    words = _draw_rows(generators, draws + _reserve(n), device)
-    raw = _bytes(words[:, :draws])[:, :n]
-    mask = torch.lt(raw, first, out=torch.empty((k, n), dtype=torch.uint8, device=device))
-    tie = torch.eq(raw, first, out=torch.empty((k, n), dtype=torch.uint8, device=device))
-    flat = _nonzero(tie.view(-1))
-    if flat.numel():
-        _resolve_ties(mask.view(-1), flat, n, words[:, draws:] & (_WORD - 1), rest, generators, device)
-    return mask.view((k,) + tuple(shape))
-
-
-def _reserve(n: int) -> int:
-    """32-bit words reserved per mask of ``n`` elements for resolving ties (expected ``n / 256``; running out
-    is rare and only costs extra draws)."""
-    expected = n / 256
-    return int(expected + 6 * math.sqrt(expected) + 8)
-
-
-def _nonzero(flags: torch.Tensor) -> torch.Tensor:
-    """Sorted indices of the nonzero bytes of a flat uint8 tensor; whole 8-byte words are screened first
-    (ties are rare, and scanning words is ~8x cheaper than scanning bytes)."""
-    m = flags.numel()
-    if m % 8 or m < 4096:
-        return flags.nonzero().squeeze(1)
-    hit = flags.view(torch.int64).nonzero().squeeze(1)
-    if hit.numel() == 0:
-        return hit
-    sub = flags.view(-1, 8)[hit].nonzero()
-    return hit[sub[:, 0]] * 8 + sub[:, 1]
-
-
-def _resolve_ties(mask: torch.Tensor, flat: torch.Tensor, n: int, reserve: torch.Tensor, rest: list[int],
-                  generators: Sequence[torch.Generator | None], device: torch.device) -> None:
-    """Elements whose byte equalled keep's first byte: compare 32-bit words with the next 32-bit parts of the
-    expansion (reserved words in order, per mask; a second tie or an exhausted reserve draws from the mask's
-    own generator, in element order, so the result depends only on that generator)."""
-    sample = flat // n
-    counts = torch.bincount(sample, minlength=reserve.shape[0])
-    rank = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[sample]
-    inside = rank < reserve.shape[1]
-    words = reserve[sample[inside], rank[inside]]
-    positions = flat[inside]
-    mask[positions[words < rest[0]]] = 1
-    later = [(int(p), 1) for p in positions[words == rest[0]].tolist()]
-    later += [(int(p), 0) for p in flat[~inside].tolist()]
-    for position, stage in sorted(later):
-        generator = generators[position // n]
-        for threshold in rest[stage:]:
-            # randint over exactly 2**32 values: a 64-bit draw modulo a power of two, unbiased
-            word = int(torch.randint(0, _WORD, (1,), generator=generator, dtype=torch.int64, device=device))
-            if word != threshold:
-                mask[position] = int(word < threshold)
-                break
-        # a tie on every part: the draw equals keep's expansion, so U >= keep: dropped (mask stays 0)
-
-
-def bernoulli_mask(shape: tuple[int, ...], keep: float, generator: torch.Generator | None,
-                   device: torch.device) -> torch.Tensor:
-    """One mask of :func:`bernoulli_masks` (``generator=None``: torch's default generator)."""
-    return bernoulli_masks(shape, keep, [generator], device)[0]
-
-
 class Masks:
-    """Where one block's dropout masks come from: mask ``j`` of every dropout from ``generators[j]``, drawn for
+    """Where one block's dropout masks come from: mask ``j`` of every dropout from stream ``j`` of ``streams``, drawn for
     all ``rows`` examples of the block, dropout after dropout in graph order (``None`` instead of a ``Masks``:
     dropout inactive, used to validate a split).
 
     When the suffix runs the block's examples in row blocks (:meth:`TorchSplit.row_block`), each dropout's masks
-    are drawn for all rows at its first use and kept for the following row blocks: every generator is consumed
+    are drawn for all rows at its first use and kept for the following row blocks: every stream is consumed
     in the same order as without row blocks, so the samples are the same however the rows are grouped."""
 
-    def __init__(self, generators: Sequence[torch.Generator | None], rows: int, row_blocks: bool = False,
+    def __init__(self, streams: Streams, rows: int, row_blocks: bool = False,
                  tables: dict | None = None, buffers: dict | None = None) -> None:
-        self.generators, self.rows, self.start, self.block = generators, rows, 0, rows
+        self.streams, self.rows, self.start, self.block = streams, rows, 0, rows
         self._drawn: dict[int, torch.Tensor] | None = {} if row_blocks else None
         self.tables = tables  # channel_dropout_conv's tables, kept across the blocks of a call when given
         self.buffers = buffers  # reusable memory for channel_dropout_conv (see _buffer)
@@ -202,12 +72,12 @@ class Masks:
     def take(self, key: int, per_row: tuple[int, ...], keep: float, rows: int, device: torch.device) -> torch.Tensor:
         """``(copies, rows, *per_row)`` uint8 masks of dropout ``key`` for the current rows."""
         if self._drawn is None:
-            return bernoulli_masks((rows,) + per_row, keep, self.generators, device)
+            return bernoulli_masks((rows,) + per_row, keep, self.streams, device)
         if rows != self.block:  # e.g. a dropout after a reshape that changed the rows; validation rejects these
             raise RuntimeError(f"row block of {self.block} examples, but a dropout sees {rows} rows per copy")
         drawn = self._drawn.get(key)
         if drawn is None:
-            drawn = self._drawn[key] = bernoulli_masks((self.rows,) + per_row, keep, self.generators, device)
+            drawn = self._drawn[key] = bernoulli_masks((self.rows,) + per_row, keep, self.streams, device)
         return drawn[:, self.start:self.start + rows]
 
 
@@ -220,8 +90,8 @@ def fast_dropout(x: torch.Tensor, module: nn.Module, masks: Masks | None, copies
     materialised, and the ``1/keep`` scale is applied to the single copy before the masks (the same values
     as scaling after in fp32: ``x * s * 1 == x * 1 * s``, zeros keep their sign; only an ``x / keep`` that
     overflows float range would differ; under bf16 autocast the two orders may round differently). Copy ``j``'s
-    mask comes from generator ``j`` of ``masks`` (``key`` names this dropout in it), so a sample's randomness
-    depends only on its own generator, never on how samples were grouped into passes. ``masks=None`` means
+    mask comes from stream ``j`` of ``masks`` (``key`` names this dropout in it), so a sample's randomness
+    depends only on its own stream, never on how samples were grouped into passes. ``masks=None`` means
     dropout inactive (identity), used to validate a split.
     """
     kind = type(module)
@@ -293,7 +163,7 @@ def channel_dropout_conv(x: torch.Tensor, dropout: nn.Module, conv: nn.Module, b
     restricted to input channel ``c``. The per-channel outputs of each example (its *table*, C x the output
     size) are computed once per block and each sample is a ``(copies, C + 1) @ (C + 1, output)`` product
     with the masks (the extra row adds the bias): for a 3x3 kernel ~9x fewer multiply-adds than convolving
-    every sample. The masks are the ones :func:`fast_dropout` would draw (same generator, same order), so
+    every sample. The masks are the ones :func:`fast_dropout` would draw (same stream, same order), so
     the samples are the same as unfused, up to floating-point rounding. Pairs whose table would be too large
     (or whose convolution cannot be unfolded) run as dropout, then convolution.
     """
@@ -413,8 +283,8 @@ def _native_dropout(x: torch.Tensor, module: nn.Module, masks: Masks | None,
 
 @dataclass
 class TorchSplit:
-    """A validated prefix/suffix pair. ``suffix(frontier, generators)`` takes the frontier of the ``N`` examples
-    (not repeated: ``repeats_frontier``) and one generator per copy; ``generators=None`` disables dropout."""
+    """A validated prefix/suffix pair. ``suffix(frontier, streams)`` takes the frontier of the ``N`` examples
+    (not repeated: ``repeats_frontier``) and one random stream per copy; ``streams=None`` disables dropout."""
 
     repeats_frontier = True  # the suffix stacks the copies itself (broadcasting into dropouts where it can)
 
@@ -456,25 +326,25 @@ class TorchSplit:
         """Examples ``start:stop`` of the frontier (plain values, e.g. sizes read from the input, as they are)."""
         return [f[start:stop] if isinstance(f, torch.Tensor) else f for f in frontier]
 
-    def suffix(self, frontier: list[torch.Tensor], generators: list[torch.Generator] | None,
+    def suffix(self, frontier: list[torch.Tensor], streams: Streams | None,
                copies: int | None = None, tables: dict | None = None, row_block: int | None = None) -> torch.Tensor:
-        """``len(generators)`` samples (or ``copies`` inactive copies) stacked along the batch axis. ``tables``:
+        """``len(streams)`` samples (or ``copies`` inactive copies) stacked along the batch axis. ``tables``:
         a dict the caller keeps for all blocks of one frontier, so that fused pairs build their tables once
         (used when all examples run at once; with row blocks each block builds its own). ``row_block``: force
         row blocks of that many examples, 0 for all at once (validation)."""
-        copies = len(generators) if generators is not None else copies
+        copies = len(streams) if streams is not None else copies
         if copies is None:
-            raise ValueError("suffix: give generators or copies")
+            raise ValueError("suffix: give streams or copies")
         step = self.row_block(frontier) if row_block is None else (row_block or None)
         with torch.no_grad():  # also in worker threads, where grad mode is not inherited
             if step is None:
                 buffers = self._buffers.__dict__ if self.fused else None
-                masks = None if generators is None else Masks(generators, 0, tables=tables, buffers=buffers)
+                masks = None if streams is None else Masks(streams, 0, tables=tables, buffers=buffers)
                 return self.suffix_module(*frontier, masks, copies)
             # Row blocks allocate fresh buffers: keeping them gained nothing measurable here (N=64 benchmark CNN)
             # and held ~7 MB more at the peak.
             n = int(frontier[self.fused[0][0]].shape[0])
-            masks = None if generators is None else Masks(generators, n, row_blocks=True)
+            masks = None if streams is None else Masks(streams, n, row_blocks=True)
             result = None
             for start in range(0, n, step):
                 if masks is not None:
@@ -684,16 +554,16 @@ def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x:
         if not torch.allclose(copy.float(), reference.float(), rtol=1e-4, atol=1e-5):
             raise _Unsupported("the split graph does not reproduce the model's output for stacked copies")
     if split.fused and split.native_rng:  # row blocks could not be checked without touching the global RNG
-        raise _Unsupported("fused pairs need every dropout's masks from the per-sample generators")
+        raise _Unsupported("fused pairs need every dropout's masks from the per-sample streams")
     if split.fused and n > 1:
         # Row blocks (one example at a time) must give what all examples at once give, with real masks: a
         # dropout whose rows a reshape changed, or a batch-size value in the frontier, would not.
-        def generators() -> list[torch.Generator]:
-            return [torch.Generator(x.device).manual_seed(seed) for seed in (11, 12)]
+        def streams() -> Streams:
+            return Streams((11, 12), x.device)
 
         with torch.autocast(device_type=x.device.type, enabled=False):
-            together = split.suffix(frontier, generators(), row_block=0)
-            blocked = split.suffix(frontier, generators(), row_block=1)
+            together = split.suffix(frontier, streams(), row_block=0)
+            blocked = split.suffix(frontier, streams(), row_block=1)
         if together.shape != blocked.shape or not torch.allclose(together.float(), blocked.float(), rtol=1e-4,
                                                                   atol=1e-5):
             raise _Unsupported("running the examples in row blocks changes the samples")

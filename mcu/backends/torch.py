@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 import warnings
 import weakref
 from typing import Any, Callable, Iterator
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from torch.nn.modules.dropout import _DropoutNd
 
-from mcu.backends import _torch_graph
+from mcu.backends import _torch_graph, _torch_rng
 from mcu.errors import InputError, NoDropoutError
 
 __all__ = ["TorchBackend"]
@@ -42,7 +41,6 @@ class TorchBackend:
 
     def __init__(self) -> None:
         self._splits: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
-        self._generator_pool = threading.local()
 
     def is_model(self, obj: Any) -> bool:
         keras = sys.modules.get("keras")
@@ -164,15 +162,11 @@ class TorchBackend:
             cache[key] = (*_torch_graph.split_model(model, dropouts, x, self.dropout_types), state)
         return cache[key][:2]
 
-    def generators(self, model: torch.nn.Module, seeds: list[int]) -> list[torch.Generator]:
-        """One generator per sample (the fast dropout masks draw from them, never from the global RNG)."""
+    def generators(self, model: torch.nn.Module, seeds: list[int]) -> _torch_rng.Streams:
+        """One counter-based random stream per sample (the fast dropout masks draw from them, never from the
+        global RNG), on the model's device."""
         device, _ = _model_device_dtype(model)
-        # Generator objects are reused per thread and device (re-seeding is cheaper than constructing): the
-        # list is valid until this thread's next call, i.e. for one block of samples.
-        pool = self._generator_pool.__dict__.setdefault(str(device), [])
-        while len(pool) < len(seeds):
-            pool.append(torch.Generator(device=device))
-        return [generator.manual_seed(seed) for generator, seed in zip(pool, seeds)]
+        return _torch_rng.Streams(seeds, device)
 
     @contextlib.contextmanager
     def worker_threads(self, workers: int) -> Iterator[None]:

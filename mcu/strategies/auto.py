@@ -3,7 +3,7 @@
 ``auto`` picks the fastest exact strategy (in the requested precision) for this model and input shape by a
 short probe: each candidate (loop; vectorized and prefix at a few copies per pass; parallel) runs one block
 after a warm-up, and the lowest time per sample wins. A *seeded* call compares only configurations that
-return the same samples (prefix/parallel with per-sample generators, any copies or workers, PyTorch splits
+return the same samples (prefix/parallel with per-sample random streams, any copies or workers, PyTorch splits
 with or without fused channel dropout + convolution pairs) up to floating-point rounding — the masks are
 identical, the sums may be added in another order; where the model's dropout draws from a shared random
 state it uses a fixed configuration — so timing never changes a seeded call's masks. The probe runs under a
@@ -199,7 +199,7 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
     def is_plain(variant: Any) -> bool:
         return plain is not None and variant is plain
 
-    # A seeded call only compares configurations that return the same samples (per-sample generators).
+    # A seeded call only compares configurations that return the same samples (per-sample random streams).
     # Vectorized runs the whole model per copy: with a split, prefix does the same work minus the prefix with
     # cheaper masks, and wins unless the whole pass is tiny (then per-sample mask overhead decides). So with a
     # split, vectorized is probed only for passes under TINY_PASS_SECONDS per sample (probing it on a

@@ -14,10 +14,10 @@ class SeedStream:
     """Per-sample seeds of a session: sample ``i`` (counted across calls) gets ``mix((base + i) mod 2**32)``.
 
     ``base`` comes from ``np.random.SeedSequence(seed)`` (fresh entropy without a seed). The seeds are 32-bit
-    because that is all a torch CPU generator keeps of its seed (``manual_seed(s)`` and ``manual_seed(s + 2**32)``
-    give the same stream); ``mix`` is a bijection of 32-bit words (a multiply-xorshift hash), so the first
-    2**32 samples of a session get *distinct* seeds (random 32-bit seeds would collide: about ``T**2 / 2**33``
-    per call) and neighbouring samples get unrelated-looking seeds. Vectorized: a few microseconds per call.
+    words (the backends derive each sample's random stream from its seed); ``mix`` is a bijection of 32-bit
+    words (a multiply-xorshift hash), so the first 2**32 samples of a session get *distinct* seeds (random
+    32-bit seeds would collide: about ``T**2 / 2**33`` per call) and neighbouring samples get unrelated-looking
+    seeds. Vectorized: a few microseconds per call.
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -70,7 +70,7 @@ class Plan:
 
     def sample_seeds(self, n_samples: int) -> list[int]:
         """One seed per sample, derived from the session seed in sample order (stateful: each call continues
-        the stream; see :class:`SeedStream`). Strategies with per-sample generators therefore give the same
+        the stream; see :class:`SeedStream`). Strategies with per-sample random streams therefore give the same
         samples however they group them into passes or spread them over workers."""
         return self.seeds.take(n_samples)
 

@@ -1,0 +1,116 @@
+"""The PyTorch fast paths' random streams and exact Bernoulli masks (mcu.backends._torch_rng)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mcu.backends import _torch_rng  # noqa: E402
+from mcu.backends._torch_rng import Streams, bernoulli_masks, splitmix64  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.75, 0.25, 0.3125, 0.50390625, 0.7, 0.8, 1 / 3, 0.5 + 2**-9, 0.9990234375,
+                                  0.01])
+def test_bernoulli_mask_has_the_requested_keep_rate(keep):
+    n = 4_000_000
+    mask = bernoulli_masks((n,), keep, Streams([0]), CPU)[0]
+    assert mask.dtype == torch.uint8 and set(mask.unique().tolist()) <= {0, 1}
+    rate = mask.double().mean().item()
+    se = (keep * (1 - keep) / n) ** 0.5
+    assert abs(rate - keep) < 5 * se  # fixed seed; 5 standard errors
+
+
+def test_bernoulli_mask_tie_path_is_exact():
+    """keep = 0.5 + 2**-40: the first byte ties with probability 1/256 and must resolve with more bits."""
+    keep = 0.5 + 2**-40
+    mask = bernoulli_masks((2_000_000,), keep, Streams([1]), CPU)[0].double()
+    assert abs(mask.mean().item() - keep) < 5 * (0.25 / 2_000_000) ** 0.5
+
+
+def test_bernoulli_masks_are_independent_between_neighbours():
+    mask = bernoulli_masks((1_000_000,), 0.5, Streams([2]), CPU)[0].double()
+    corr = np.corrcoef(mask[:-1].numpy(), mask[1:].numpy())[0, 1]
+    assert abs(corr) < 5 / 1000  # 5 standard errors of a correlation from 1e6 pairs
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.75, 0.3125, 0.50390625, 0.8])  # 1, 2, 4, 8 random bits; tie path
+@pytest.mark.parametrize("shape", [(3, 5), (64, 512), (7, 1, 1)])
+def test_each_mask_depends_only_on_its_own_stream(keep, shape):
+    """Masks drawn together equal masks drawn one stream at a time (so grouping never changes samples)."""
+    together = bernoulli_masks(shape, keep, Streams(range(6)), CPU)
+    assert together.shape == (6, *shape) and together.dtype == torch.uint8
+    for j in range(6):
+        alone = bernoulli_masks(shape, keep, Streams([j]), CPU)[0]
+        assert torch.equal(together[j], alone)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.75, 0.8])
+def test_masks_of_neighbouring_samples_are_independent(keep):
+    masks = bernoulli_masks((20_000,), keep, Streams(range(50)), CPU).double()
+    corr = np.corrcoef(masks.numpy())  # 50 x 50 correlations between samples' masks
+    off = corr[~np.eye(50, dtype=bool)]
+    assert np.abs(off).max() < 5 / 20_000**0.5  # 5 standard errors (1225 pairs: |z| > 5 has p ~ 1e-3 overall)
+    rates = masks.mean(1).numpy()
+    assert np.abs(rates - keep).max() < 5 * (keep * (1 - keep) / 20_000) ** 0.5
+
+
+def test_the_tie_fallback_draws_from_the_masks_own_generator_and_stays_exact(monkeypatch):
+    """With no reserved words every tie (1 in 256 elements) is resolved by extra draws from the mask's own
+    generator: the rate stays exact and masks still depend only on their own stream."""
+    keep = 0.8
+    monkeypatch.setattr(_torch_rng, "_reserve", lambda n: 0)
+    masks = bernoulli_masks((100_000,), keep, Streams(range(5)), CPU)
+    for j in (0, 4):
+        assert torch.equal(masks[j], bernoulli_masks((100_000,), keep, Streams([j]), CPU)[0])
+    rate = masks.double().mean().item()
+    assert abs(rate - keep) < 5 * (keep * (1 - keep) / 500_000) ** 0.5
+    monkeypatch.undo()
+    # the reserve changes which words resolve a tie, not the distribution
+    rate = bernoulli_masks((100_000,), keep, Streams(range(5)), CPU).double().mean().item()
+    assert abs(rate - keep) < 5 * (keep * (1 - keep) / 500_000) ** 0.5
+
+
+def test_bernoulli_masks_at_the_edges():
+    for keep, value in ((1.0, 1), (0.0, 0)):
+        assert torch.equal(bernoulli_masks((3,), keep, Streams([0]), CPU),
+                           torch.full((1, 3), value, dtype=torch.uint8))
+
+
+
+
+def _reference_words(seed: int, start: int, count: int) -> list[int]:
+    """SplitMix64 in plain Python: word i of the stream keyed by splitmix64(seed)."""
+    key = splitmix64(seed)
+    return [splitmix64(key + (i + 1) * 0x9E3779B97F4A7C15) for i in range(start, start + count)]
+
+
+def test_stream_words_match_a_plain_python_splitmix64():
+    """The tensor version (wrapping int64 products, masked arithmetic shifts) equals the reference bit for bit,
+    across calls (the counter continues) and for seeds with the top bit set."""
+    seeds = [0, 1, 7, 2**31 + 5, 2**32 - 1, 2**63 + 3]
+    streams = Streams(seeds)
+    first, second = streams.words(5), streams.words(3)
+    for j, seed in enumerate(seeds):
+        got = [w & (2**64 - 1) for w in torch.cat([first[j], second[j]]).tolist()]
+        assert got == _reference_words(seed, 0, 8)
+    assert streams.offset == 8
+
+
+def test_stream_bits_and_bytes_are_uniform():
+    words = Streams(range(64)).words(4096)  # 262,144 words
+    bits = ((words.unsqueeze(-1) >> torch.arange(64)) & 1).double().mean((0, 1))
+    assert (bits - 0.5).abs().max().item() < 5 * (0.25 / words.numel()) ** 0.5  # every bit position
+    counts = np.bincount(words.view(torch.uint8).flatten().numpy(), minlength=256)
+    chi2 = (((counts - counts.mean()) ** 2) / counts.mean()).sum()
+    assert chi2 < 255 + 5 * (2 * 255) ** 0.5  # 255 degrees of freedom; about 5 standard deviations
+
+
+def test_stream_extra_words_come_from_a_separate_region_per_stream():
+    a, b = Streams([3, 4]), Streams([4])
+    assert [a.extra(1), a.extra(1)] == [b.extra(0), b.extra(0)]  # stream 1 of a is stream 0 of b
+    bulk = [w & (2**64 - 1) for w in Streams([4]).words(1000)[0].tolist()]
+    assert not {a.extra(1) for _ in range(100)} & set(bulk)
