@@ -56,6 +56,8 @@ import numpy as np
 import tensorflow as tf
 from keras import tree
 
+from mcu.backends import _keys
+
 __all__ = [
     "DROPOUT_TYPES",
     "FAST_TYPES",
@@ -265,13 +267,8 @@ _TIE_BITS = 16
 
 
 def sample_keys(seeds: Sequence[int]) -> tf.Tensor:
-    """One Philox key per sample seed, shape ``(k, 1)`` uint64 (splitmix64 of the seed: all 64 bits used)."""
-    z = np.asarray(list(seeds), dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    with np.errstate(over="ignore"):  # wrap-around arithmetic is the point
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return tf.constant(z.reshape(-1, 1))
+    """One Philox key per sample seed, shape ``(k, 1)`` uint64 (:func:`mcu.backends._keys.sample_keys`)."""
+    return tf.constant(_keys.sample_keys(seeds).reshape(-1, 1))
 
 
 def _words(keys: Sequence[tf.Tensor], n: int, region: int) -> tf.Tensor:

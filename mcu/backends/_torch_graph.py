@@ -24,7 +24,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from mcu.backends._torch_rng import Streams, bernoulli_masks
+from mcu.backends._torch_rng import Streams
 
 __all__ = ["Masks", "TorchSplit", "channel_dropout_conv", "fast_dropout", "repeat_rows", "split_model"]
 
@@ -54,8 +54,8 @@ def _made(t: torch.Tensor) -> torch.Tensor:
 
 
 class Masks:
-    """Where one block's dropout masks come from: mask ``j`` of every dropout from stream ``j`` of ``streams``, drawn for
-    all ``rows`` examples of the block, dropout after dropout in graph order (``None`` instead of a ``Masks``:
+    """Where one block's dropout masks come from: mask ``j`` of every dropout from stream ``j`` of ``streams``,
+    drawn for all ``rows`` examples of the block, dropout after dropout in graph order (``None`` instead of a ``Masks``:
     dropout inactive, used to validate a split).
 
     When the suffix runs the block's examples in row blocks (:meth:`TorchSplit.row_block`), each dropout's masks
@@ -72,18 +72,19 @@ class Masks:
     def take(self, key: int, per_row: tuple[int, ...], keep: float, rows: int, device: torch.device) -> torch.Tensor:
         """``(copies, rows, *per_row)`` uint8 masks of dropout ``key`` for the current rows."""
         if self._drawn is None:
-            return bernoulli_masks((rows,) + per_row, keep, self.streams, device)
+            return self.streams.masks(key, (rows,) + per_row, keep, device)
         if rows != self.block:  # e.g. a dropout after a reshape that changed the rows; validation rejects these
             raise RuntimeError(f"row block of {self.block} examples, but a dropout sees {rows} rows per copy")
         drawn = self._drawn.get(key)
         if drawn is None:
-            drawn = self._drawn[key] = bernoulli_masks((self.rows,) + per_row, keep, self.streams, device)
+            drawn = self._drawn[key] = self.streams.masks(key, (self.rows,) + per_row, keep, device)
         return drawn[:, self.start:self.start + rows]
 
 
 def fast_dropout(x: torch.Tensor, module: nn.Module, masks: Masks | None, copies: int, broadcast: bool = False,
                  key: int = 0) -> torch.Tensor:
-    """``module(x)`` in training mode on ``copies`` stacked copies, with masks from :func:`bernoulli_masks`.
+    """``module(x)`` in training mode on ``copies`` stacked copies, with masks from
+    :func:`~mcu.backends._torch_rng.bernoulli_masks`.
 
     ``x`` holds the ``copies`` stacked copies, or, with ``broadcast=True``, a single copy (a frontier value
     whose only consumers are dropouts): the masks then broadcast against it, so the stacked input is never
@@ -135,13 +136,15 @@ def _table_bytes(x: torch.Tensor, conv: nn.Module) -> int | None:
     return (conv.in_channels + 1) * ho * wo * conv.out_channels * conv.weight.element_size()
 
 
-def _folded(conv: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``conv``'s weight and bias with an inference-mode ``bn`` folded in (None when ``bn`` cannot be folded:
-    training mode or no running statistics)."""
+def _foldable(bn: nn.Module | None) -> bool:
+    """Whether ``bn`` can be folded into the convolution before it (inference mode, running statistics)."""
+    return bn is None or not (bn.training or bn.running_mean is None or bn.running_var is None)
+
+
+def _folded(conv: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``conv``'s weight and bias with a :func:`_foldable` ``bn`` folded in."""
     if bn is None:
         return conv.weight, conv.bias
-    if bn.training or bn.running_mean is None or bn.running_var is None:
-        return None
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
@@ -167,14 +170,12 @@ def channel_dropout_conv(x: torch.Tensor, dropout: nn.Module, conv: nn.Module, b
     the samples are the same as unfused, up to floating-point rounding. Pairs whose table would be too large
     (or whose convolution cannot be unfolded) run as dropout, then convolution.
     """
-    folded = _folded(conv, bn)
     table_bytes = _table_bytes(x, conv)
-    if folded is None or table_bytes is None or table_bytes > MAX_TABLE_BYTES:
+    if not _foldable(bn) or table_bytes is None or table_bytes > MAX_TABLE_BYTES:
         out = conv(fast_dropout(x, dropout, masks, copies, True, key))
         return out if bn is None else bn(out)
-    weight, bias = folded
     n, c = x.shape[:2]
-    o, (kh, kw) = weight.shape[0], weight.shape[2:]
+    o, (kh, kw), dtype = conv.weight.shape[0], conv.weight.shape[2:], conv.weight.dtype
     rate = 0.0 if masks is None else dropout.p
     keep = 1.0 - rate
     ho, wo = _conv_output_size(x, conv)
@@ -182,16 +183,17 @@ def channel_dropout_conv(x: torch.Tensor, dropout: nn.Module, conv: nn.Module, b
     lower = _autocast_dtype(device.type)
     with torch.autocast(device.type, enabled=False):
         if tables is None or any((key, row) not in tables for row in range(n)):
-            cols = F.unfold(x.to(weight.dtype), (kh, kw), conv.dilation, conv.padding, conv.stride)  # (n, c*k, L)
+            weight, bias = _folded(conv, bn)  # only to build tables: cached tables already hold them
+            cols = F.unfold(x.to(dtype), (kh, kw), conv.dilation, conv.padding, conv.stride)  # (n, c*k, L)
             scaled = (weight * (1.0 / keep if keep > 0.0 else 0.0)).permute(1, 2, 3, 0).reshape(c, kh * kw, o)
-        coefficients = torch.ones((copies, n, c + 1), dtype=weight.dtype, device=device)
+        coefficients = torch.ones((copies, n, c + 1), dtype=dtype, device=device)
         if masks is not None and rate > 0.0:
             coefficients[:, :, :c] = masks.take(key, (c,), keep, n, device)
-        out = _buffer(masks, ("out", key), (copies, n, ho * wo * o), lower or weight.dtype, device)
+        out = _buffer(masks, ("out", key), (copies, n, ho * wo * o), lower or dtype, device)
         for row in range(n):
             table = None if tables is None else tables.get((key, row))
             if table is None:
-                table = _buffer(masks, ("table", key, row), (c + 1, ho * wo, o), weight.dtype, device)
+                table = _buffer(masks, ("table", key, row), (c + 1, ho * wo, o), dtype, device)
                 torch.matmul(cols[row].view(c, kh * kw, ho * wo).transpose(1, 2), scaled, out=table[:c])
                 table[c] = 0.0 if bias is None else bias
                 table = table.view(c + 1, ho * wo * o)
@@ -526,10 +528,9 @@ def conv_bn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
     the activations instead of two; the same function up to rounding). Folded from the live parameters on
     every call, so nothing is cached or changed. A BatchNorm in training mode (or without running statistics)
     runs as it is."""
-    folded = _folded(conv, bn)
-    if folded is None:
+    if not _foldable(bn):
         return bn(conv(x))
-    weight, shift = folded
+    weight, shift = _folded(conv, bn)
     return _made(conv._conv_forward(x, weight, shift))
 
 

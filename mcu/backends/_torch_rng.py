@@ -11,22 +11,30 @@ cost ~2 us per sample and dropout layer on this project's CPU: half of a single-
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import threading
 from fractions import Fraction
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
+
+from mcu.backends import _keys
 
 __all__ = ["Streams", "bernoulli_masks", "splitmix64"]
 
 _MASK64 = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15
+_GAMMA = _keys.GAMMA
 _MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 _WORD = 1 << 32
 _EXPANSION = 104  # bits of keep's binary expansion: 8 + 3 x 32
-#: Counter of the first word of a stream's second region (draws for rare ties, one word at a time): far beyond
-#: any count of bulk words, so the two regions of one stream never meet.
-_EXTRA = 1 << 62
+#: Counter offset of the words that key the tie-resolution streams (one per mask): far beyond any count of bulk
+#: words, so the two never meet.
+_TIES = 1 << 62
+#: A block's masks are sliced from masks drawn once for all samples of the call when those take at most this
+#: many bytes (:meth:`Streams.masks`).
+SHARED_MASK_BYTES = 1 << 20
 
 
 def _signed(v: int) -> int:
@@ -64,23 +72,35 @@ def _steps(count: int, device: torch.device) -> torch.Tensor:
 
 class Streams:
     """One counter-based random stream per sample: ``words(count)`` gives every stream its next ``count``
-    64-bit words at once. Stream ``j``'s key is ``splitmix64(seeds[j])``; the seeds are distinct per sample
-    (:class:`mcu.strategies.base.SeedStream`), so the keys are too (the finaliser is a bijection).
+    64-bit words at once. Stream ``j``'s key is :func:`mcu.backends._keys.sample_keys` of ``seeds[j]`` (as for
+    Keras); the seeds are distinct per sample (:class:`mcu.strategies.base.SeedStream`), so the keys are too.
 
-    All streams of a block consume the same number of bulk words (one mask after another, in graph order),
-    so one counter serves them all; ``extra(j)`` draws single words from a second region of stream ``j`` with
-    its own counter (the rare tie resolution, whose draws differ per sample)."""
+    All streams consume the same number of bulk words (one mask after another, in graph order), so one counter
+    serves them all. ``streams[a:b]`` is a view of streams ``a`` to ``b`` (one block of a call's samples): its
+    :meth:`masks` may be sliced from masks drawn once for all streams of the call (the same values, since each
+    stream's words depend only on its key and counter), which saves the per-block drawing cost."""
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.seeds = [int(s) for s in seeds]
-        seeds64 = [_signed(s) for s in self.seeds]  # 32-bit seeds from SeedStream; any int: its low 64 bits
-        self.keys = _mix_(torch.tensor(seeds64, dtype=torch.int64, device=self.device).view(-1, 1))
+        keys = torch.from_numpy(_keys.sample_keys(self.seeds).view(np.int64)).view(-1, 1)
+        self.keys = keys.to(self.device)
         self.offset = 0
-        self._extra = [0] * len(seeds64)
+        self.root, self.start = self, 0
+        self._shared: dict[tuple, tuple[torch.Tensor, int]] = {}
+        self._lock = threading.Lock()  # blocks of one call may run in parallel threads
 
     def __len__(self) -> int:
         return len(self.seeds)
+
+    def __getitem__(self, index: slice) -> "Streams":
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("Streams: only contiguous slices streams[a:b]")
+        start, stop, _ = index.indices(len(self))
+        view = object.__new__(Streams)
+        view.device, view.seeds, view.keys = self.device, self.seeds[start:stop], self.keys[start:stop]
+        view.offset, view.root, view.start = self.offset, self.root, self.start + start
+        return view
 
     def words(self, count: int) -> torch.Tensor:
         """``(k, count)`` int64 tensor of uniform 64-bit words (all bits random), stream ``j`` in row ``j``."""
@@ -89,11 +109,30 @@ class Streams:
         self.offset += count
         return _mix_(z)
 
-    def extra(self, j: int) -> int:
-        """The next word (unsigned) of stream ``j``'s second region."""
-        self._extra[j] += 1
-        key = splitmix64(self.seeds[j])
-        return splitmix64(key + (_EXTRA + self._extra[j]) * _GAMMA)
+    def tie_words(self, j: int, offset: int) -> Iterator[int]:
+        """32-bit words for resolving the ties of stream ``j``'s mask that starts at bulk word ``offset``: a
+        SplitMix64 stream keyed by word ``2**62 + offset`` of stream ``j`` (never a bulk word), so they depend
+        only on the stream and the mask, not on which streams were drawn together."""
+        key = splitmix64(splitmix64(self.seeds[j] + _GAMMA) + (_TIES + offset + 1) * _GAMMA)
+        for i in itertools.count(1):
+            yield splitmix64(key + i * _GAMMA) & (_WORD - 1)
+
+    def masks(self, key: object, shape: tuple[int, ...], keep: float, device: torch.device) -> torch.Tensor:
+        """:func:`bernoulli_masks` for these streams at their current position (``key`` names the dropout).
+        A view's masks are drawn once for all streams of its root and sliced, when they take at most
+        SHARED_MASK_BYTES."""
+        root = self.root
+        if root is self or len(root) * math.prod(shape) > SHARED_MASK_BYTES:
+            return bernoulli_masks(shape, keep, self, device)
+        name = (key, self.offset, tuple(shape), keep)
+        with root._lock:
+            entry = root._shared.get(name)
+            if entry is None:
+                root.offset = self.offset
+                drawn = bernoulli_masks(shape, keep, root, device)
+                entry = root._shared[name] = (drawn, root.offset - self.offset)
+        self.offset += entry[1]
+        return entry[0][self.start:self.start + len(self)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -126,7 +165,7 @@ def bernoulli_masks(shape: tuple[int, ...], keep: float, streams: Streams, devic
     fields of random bytes with ``q``: one random bit per element for ``keep = 0.5``. Other rates compare a
     random byte with the first 8 bits of ``keep``'s binary expansion; the ~1/256 of elements that tie draw
     32-bit words compared with the next bits (words reserved per mask in the same draw; rare overflows and
-    second ties draw single words from the mask's own stream). The expansion has 104 bits, which represents
+    second ties draw words from the sample's own tie stream). The expansion has 104 bits, which represents
     every float64 ``keep >= 2**-52`` exactly; below that the error is under 2**-104.
     """
     k, n = len(streams), math.prod(shape)
@@ -150,14 +189,14 @@ def bernoulli_masks(shape: tuple[int, ...], keep: float, streams: Streams, devic
         mask = mask.view(k, -1)
         return (mask if mask.shape[1] == n else mask[:, :n].contiguous()).view((k,) + tuple(shape))
     first, rest = q >> 96, [(q >> shift) & (_WORD - 1) for shift in (64, 32, 0)]
-    draws = -(-n // 8)
+    draws, offset = -(-n // 8), streams.offset
     words = streams.words(draws + _reserve(n))
     raw = _bytes(words[:, :draws])[:, :n]
     mask = torch.lt(raw, first, out=torch.empty((k, n), dtype=torch.uint8, device=device))
     tie = torch.eq(raw, first, out=torch.empty((k, n), dtype=torch.uint8, device=device))
     flat = _nonzero(tie.view(-1))
     if flat.numel():
-        _resolve_ties(mask.view(-1), flat, n, words[:, draws:] & (_WORD - 1), rest, streams, device)
+        _resolve_ties(mask.view(-1), flat, n, words[:, draws:] & (_WORD - 1), rest, streams, offset, device)
     return mask.view((k,) + tuple(shape))
 
 
@@ -182,10 +221,11 @@ def _nonzero(flags: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_ties(mask: torch.Tensor, flat: torch.Tensor, n: int, reserve: torch.Tensor, rest: list[int],
-                  streams: Streams, device: torch.device) -> None:
+                  streams: Streams, offset: int, device: torch.device) -> None:
     """Elements whose byte equalled keep's first byte: compare 32-bit words with the next 32-bit parts of the
-    expansion (reserved words in order, per mask; a second tie or an exhausted reserve draws single words from
-    the mask's own stream, in element order, so the result depends only on that stream)."""
+    expansion (reserved words in order, per mask; a second tie or an exhausted reserve draws words from the
+    mask's own tie stream, :meth:`Streams.tie_words`, in element order, so the result depends only on the
+    sample's stream)."""
     sample = flat // n
     counts = torch.bincount(sample, minlength=reserve.shape[0])
     rank = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[sample]
@@ -195,10 +235,13 @@ def _resolve_ties(mask: torch.Tensor, flat: torch.Tensor, n: int, reserve: torch
     mask[positions[words < rest[0]]] = 1
     later = [(int(p), 1) for p in positions[words == rest[0]].tolist()]
     later += [(int(p), 0) for p in flat[~inside].tolist()]
+    ties: dict[int, Iterator[int]] = {}
     for position, stage in sorted(later):
         j = position // n
+        if j not in ties:
+            ties[j] = streams.tie_words(j, offset)
         for threshold in rest[stage:]:
-            word = streams.extra(j) & (_WORD - 1)  # 32 uniform bits
+            word = next(ties[j])
             if word != threshold:
                 mask[position] = int(word < threshold)
                 break

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class ParallelStrategy:
                                                                       thread_name_prefix="mcu") as pool:
             for start in range(0, len(blocks), workers):
                 group = blocks[start : start + workers]
-                futures: list[Future] = [pool.submit(_worker, plan, frontier, seeds) for seeds in group[1:]]
+                futures: list[Future] = [pool.submit(_worker, plan, frontier, sources) for sources in group[1:]]
                 try:
                     yield run_block(plan, frontier, group[0])
                     for future in futures:
@@ -44,6 +44,6 @@ class ParallelStrategy:
                         future.cancel()
 
 
-def _worker(plan: Plan, frontier: list, seeds: list[int]) -> np.ndarray:
+def _worker(plan: Plan, frontier: list, sources: Any) -> np.ndarray:
     with plan.backend.worker_context(plan.model, plan.precision):  # grad mode and autocast are per thread
-        return run_block(plan, frontier, seeds)
+        return run_block(plan, frontier, sources)

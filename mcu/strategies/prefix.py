@@ -22,27 +22,28 @@ __all__ = ["PrefixStrategy", "plan_blocks", "run_block"]
 DEFAULT_ROWS = 512
 
 
-def run_block(plan: Plan, frontier: list[Any], seeds: list[int], tables: dict | None = None) -> np.ndarray:
-    """One block: ``len(seeds)`` samples from the frontier (sliced from a repeated buffer unless the split
-    stacks the copies itself). ``tables``: kept by the caller across the blocks of one frontier, for splits
+def run_block(plan: Plan, frontier: list[Any], sources: Any, tables: dict | None = None) -> np.ndarray:
+    """One block: ``len(sources)`` samples from the frontier (sliced from a repeated buffer unless the split
+    stacks the copies itself). ``sources``: the block's slice of the call's per-sample random sources
+    (``backend.generators``). ``tables``: kept by the caller across the blocks of one frontier, for splits
     that precompute per-example tables (PyTorch's fused channel dropout + convolution)."""
-    n, copies = plan.n_rows, len(seeds)
+    n, copies = plan.n_rows, len(sources)
     inputs = frontier if _repeats_itself(plan) else [f[: copies * n] for f in frontier]
-    generators = plan.backend.generators(plan.model, seeds)
     kwargs = {} if tables is None else {"tables": tables}
-    out = plan.backend.to_numpy(plan.split.suffix(inputs, generators, **kwargs))
+    out = plan.backend.to_numpy(plan.split.suffix(inputs, sources, **kwargs))
     return out.reshape((copies, n) + out.shape[1:])
 
 
-def plan_blocks(plan: Plan, n_samples: int) -> tuple[list[Any], list[list[int]]]:
-    """The frontier (repeated for splits that need it) and the per-sample seeds in blocks of at most
-    ``copies``."""
+def plan_blocks(plan: Plan, n_samples: int) -> tuple[list[Any], list[Any]]:
+    """The frontier (repeated for splits that need it) and the per-sample random sources of the call, sliced
+    into blocks of at most ``copies`` samples (one object for the whole call: PyTorch's streams then draw
+    small masks once for all blocks)."""
     frontier = plan.split.prefix(plan.x)
     row_block = getattr(plan.split, "row_block", None)  # a split running the examples in row blocks
     copies = plan.copies_per_pass(DEFAULT_ROWS, row_block(frontier) if row_block else None)
-    seeds = plan.sample_seeds(n_samples)
-    starts = np.cumsum([0] + block_sizes(n_samples, copies))
-    blocks = [seeds[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    sources = plan.backend.generators(plan.model, plan.sample_seeds(n_samples))
+    starts = np.cumsum([0] + block_sizes(n_samples, copies)).tolist()
+    blocks = [sources[a:b] for a, b in zip(starts[:-1], starts[1:])]
     if not _repeats_itself(plan):
         frontier = [plan.backend.repeat(f, len(blocks[0])) for f in frontier]
     return frontier, blocks
@@ -60,5 +61,5 @@ class PrefixStrategy:
             raise RuntimeError("the prefix strategy needs plan.split (prepared by mcu.strategies.auto.prepare)")
         frontier, blocks = plan_blocks(plan, n_samples)
         tables = {} if getattr(plan.split, "fused", None) else None
-        for seeds in blocks:
-            yield run_block(plan, frontier, seeds, tables)
+        for sources in blocks:
+            yield run_block(plan, frontier, sources, tables)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -83,8 +85,8 @@ def test_bernoulli_masks_at_the_edges():
 
 
 def _reference_words(seed: int, start: int, count: int) -> list[int]:
-    """SplitMix64 in plain Python: word i of the stream keyed by splitmix64(seed)."""
-    key = splitmix64(seed)
+    """SplitMix64 in plain Python: word i of the stream keyed by splitmix64(seed + GAMMA)."""
+    key = splitmix64(seed + 0x9E3779B97F4A7C15)
     return [splitmix64(key + (i + 1) * 0x9E3779B97F4A7C15) for i in range(start, start + count)]
 
 
@@ -109,8 +111,41 @@ def test_stream_bits_and_bytes_are_uniform():
     assert chi2 < 255 + 5 * (2 * 255) ** 0.5  # 255 degrees of freedom; about 5 standard deviations
 
 
-def test_stream_extra_words_come_from_a_separate_region_per_stream():
+def test_tie_words_depend_only_on_the_stream_and_the_mask():
     a, b = Streams([3, 4]), Streams([4])
-    assert [a.extra(1), a.extra(1)] == [b.extra(0), b.extra(0)]  # stream 1 of a is stream 0 of b
-    bulk = [w & (2**64 - 1) for w in Streams([4]).words(1000)[0].tolist()]
-    assert not {a.extra(1) for _ in range(100)} & set(bulk)
+    first = list(itertools.islice(a.tie_words(1, 5), 4))
+    assert first == list(itertools.islice(b.tie_words(0, 5), 4))  # stream 1 of a is stream 0 of b
+    assert first != list(itertools.islice(b.tie_words(0, 6), 4))  # another mask: other words
+    assert all(0 <= w < 2**32 for w in first)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.8])  # 0.8: the tie path, with its tie streams
+def test_views_share_masks_drawn_once_and_equal_masks_drawn_per_block(monkeypatch, keep):
+    """A call's blocks are views of one Streams; small masks are drawn once for all samples and sliced, larger
+    ones per block. Either way each block gets exactly the masks of its own streams drawn alone, in order."""
+    monkeypatch.setattr(_torch_rng, "SHARED_MASK_BYTES", 10 * 300)  # (10, 300) shared, (10, 5000) not
+    monkeypatch.setattr(_torch_rng, "_reserve", lambda n: 0)  # every tie goes to the tie streams
+    root = Streams(range(10))
+    views = [root[0:4], root[4:7], root[7:10]]
+    shapes = [(300,), (5000,), (3, 100)]
+    got = [[view.masks(key, shape, keep, CPU) for key, shape in enumerate(shapes)] for view in views]
+    assert sorted(name[0] for name in root._shared) == [0, 2]  # drawn once each; dropout 1 per block
+    for view, masks in zip(views, got):
+        alone = Streams(view.seeds)
+        for shape, mask in zip(shapes, masks):
+            assert torch.equal(mask, bernoulli_masks(shape, keep, alone, CPU))
+        assert view.offset == alone.offset
+
+
+def test_each_mask_resolves_its_ties_from_its_own_tie_stream(monkeypatch):
+    """Two masks of one stream must not reuse tie words: each asks for the tie stream of its own start."""
+    monkeypatch.setattr(_torch_rng, "_reserve", lambda n: 0)
+    asked = []
+    tie_words = Streams.tie_words
+    monkeypatch.setattr(Streams, "tie_words",
+                        lambda self, j, offset: asked.append(offset) or tie_words(self, j, offset))
+    streams = Streams([9])
+    bernoulli_masks((4096,), 0.8, streams, CPU)
+    middle = streams.offset
+    bernoulli_masks((4096,), 0.8, streams, CPU)
+    assert sorted(set(asked)) == [0, middle] and middle > 0
