@@ -5,7 +5,7 @@ on how samples are grouped into passes or spread over threads. The streams are *
 the stream with key ``K`` is ``splitmix64(K + (i + 1) * GAMMA)`` (Steele, Lea & Flood 2014, the finaliser of
 Java's ``SplittableRandom``; it passes BigCrush). Every word of every stream of a block is computed by a dozen
 whole-tensor integer operations, on any device; no generator objects are seeded or called per sample (that had
-cost ~2 us per sample and dropout layer on this project's CPU: half of a single-request MLP call).
+cost ~2 us per sample and dropout layer on this project's CPU: a third of a single-request MLP call).
 """
 
 from __future__ import annotations
