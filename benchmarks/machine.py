@@ -47,6 +47,12 @@ def _gpu() -> str | None:
     return None
 
 
+def allocator_env() -> dict[str, str]:
+    """glibc ``MALLOC_*`` settings and a preloaded allocator: fresh multi-MB buffers may cost page faults on
+    every call with glibc's defaults, which changed timings here by up to 3x (benchmarks/RESULTS.md)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+
+
 def machine_info() -> dict[str, Any]:
     cpu = _cpuinfo()
     flags = cpu.get("flags", "").split()
@@ -69,9 +75,7 @@ def machine_info() -> dict[str, Any]:
         "versions": versions,
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
                                                    "TF_NUM_INTEROP_THREADS") if k in os.environ},
-        # glibc malloc settings and preloaded allocators: fresh multi-MB buffers may cost page faults on every
-        # call with glibc's defaults, which changed timings here by up to 3x (benchmarks/RESULTS.md)
-        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
+        "allocator_env": allocator_env(),
     }
 
 

@@ -12,7 +12,6 @@ Run: python -m benchmarks.page_faults [--workload cnn] [--n 1] [--t 100] [--stra
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import time
 
@@ -31,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import mcu
+    from benchmarks.machine import allocator_env
     from benchmarks.workloads import WORKLOADS, inputs
 
     if args.workload not in WORKLOADS:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.calls):
         mcu.sample(model, x, args.t, strategy=args.strategy)
     seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    malloc = allocator_env()
     print(f"{args.workload} N={args.n} T={args.t} {args.strategy}: {1e3 * seconds / args.calls:.2f} ms/call, "
           f"{(after.ru_minflt - before.ru_minflt) / args.calls:.0f} minor page faults/call, "
           f"system time {1e3 * (after.ru_stime - before.ru_stime) / args.calls:.2f} ms/call; "

@@ -16,10 +16,11 @@ stable across calls, and it is explained in ``SampleInfo``. Copies per pass are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 from mcu.errors import InputError
 from mcu.strategies import STRATEGIES
@@ -155,30 +156,46 @@ def _limits(plan: Plan, n_samples: int) -> tuple[int, dict[str, int], int]:
     limits = {"vectorized": _max_copies(plan, budget, per_copy_full, n_samples)}
     rows = plan.n_rows
     if plan.split is not None:
-        frontier = plan.split.prefix(plan.x)
-        if getattr(plan.split, "fused", None):
-            # Fused pairs build per-example tables shared by all copies, for all examples at once or in row
-            # blocks of `step` examples: one row block at one and two copies gives the fixed bytes (tables)
-            # and the bytes per copy.
-            step = plan.split.row_block(frontier)
-            rows = step or plan.n_rows
-            block = frontier if step is None else plan.split.rows(frontier, 0, step)
-            one, two = (backend.activation_bytes(lambda k=k: plan.split.suffix(
-                block, backend.generators(plan.model, list(range(k))))) for k in (1, 2))
-            per_copy = None if one is None or two is None else max(two - one, 1)
-            fixed = 0 if per_copy is None else max(one - per_copy, 0)
-            # The tables, like the frontier, are held once per call whatever the copies: they come out of an
-            # explicit max_memory, but do not shrink the default floor for the copies (MIN_BUDGET).
-            room = budget - fixed if plan.max_memory is not None else max(budget - fixed, MIN_BUDGET)
-            limits["prefix"] = _max_copies(plan, max(room, per_copy or 1), per_copy, n_samples)
-        else:
-            suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generators(plan.model, [0])))
-            stacked = 0 if getattr(plan.split, "repeats_frontier", False) else sum(backend.nbytes(f) for f in frontier)
-            per_copy = None if suffix is None else suffix + stacked  # a repeated frontier buffer holds every copy
-            limits["prefix"] = _max_copies(plan, budget, per_copy, n_samples)
+        limits["prefix"], rows = _prefix_limit(plan, budget, n_samples)
         # every worker holds its own block: the budget is shared between them
         limits["parallel"] = max(1, limits["prefix"] // _workers(plan))
     return budget, limits, rows
+
+
+def _prefix_limit(plan: Plan, budget: int, n_samples: int) -> tuple[int, int]:
+    """The most copies per suffix pass of ``plan.split`` within ``budget``, and the rows one copy puts in a pass
+    (measured; under the backend's ``seeded`` block)."""
+    backend, rows = plan.backend, plan.n_rows
+    frontier = plan.split.prefix(plan.x)
+    if getattr(plan.split, "fused", None):
+        # Fused pairs build per-example tables shared by all copies, for all examples at once or in row
+        # blocks of `step` examples: one row block at one and two copies gives the fixed bytes (tables)
+        # and the bytes per copy.
+        step = plan.split.row_block(frontier)
+        rows = step or plan.n_rows
+        block = frontier if step is None else plan.split.rows(frontier, 0, step)
+        one, two = (backend.activation_bytes(lambda k=k: plan.split.suffix(
+            block, backend.generators(plan.model, list(range(k))))) for k in (1, 2))
+        per_copy = None if one is None or two is None else max(two - one, 1)
+        fixed = 0 if per_copy is None else max(one - per_copy, 0)
+        # The tables, like the frontier, are held once per call whatever the copies: they come out of an
+        # explicit max_memory, but do not shrink the default floor for the copies (MIN_BUDGET).
+        room = budget - fixed if plan.max_memory is not None else max(budget - fixed, MIN_BUDGET)
+        return _max_copies(plan, max(room, per_copy or 1), per_copy, n_samples), rows
+    suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generators(plan.model, [0])))
+    stacked = 0 if getattr(plan.split, "repeats_frontier", False) else sum(backend.nbytes(f) for f in frontier)
+    per_copy = None if suffix is None else suffix + stacked  # a repeated frontier buffer holds every copy
+    return _max_copies(plan, budget, per_copy, n_samples), rows
+
+
+@contextlib.contextmanager
+def _using_split(plan: Plan, variant: Any) -> Iterator[None]:
+    """``plan.split`` set to ``variant`` (e.g. the split without fused pairs) for the block, then restored."""
+    split, plan.split = plan.split, variant
+    try:
+        yield
+    finally:
+        plan.split = split
 
 
 def _workers(plan: Plan) -> int:
@@ -210,22 +227,16 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
     if plan.split is not None:
         families.append((PrefixStrategy(), limits["prefix"], split))
         if plain is not None:  # same samples up to rounding: also fine for a seeded call
-            plan.split = plain
-            try:
-                families.append((PrefixStrategy(), _limits(plan, n_samples)[1]["prefix"], plain))
-            finally:
-                plan.split = split
+            with _using_split(plan, plain):
+                families.append((PrefixStrategy(), _prefix_limit(plan, budget, n_samples)[0], plain))
         if _workers(plan) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
             families.append((ParallelStrategy(), limits["parallel"], split))
     timings: dict[str, float] = {}
     configs: dict[str, tuple[Any, int, bool]] = {}
 
     def timed(strategy: Any, copies: int, name: str, variant: Any = split) -> float:
-        plan.split = variant
-        try:
+        with _using_split(plan, variant):
             seconds = min(timings.get(name, float("inf")), _time_per_sample(strategy, plan, copies))
-        finally:
-            plan.split = split
         timings[name], configs[name] = seconds, (strategy, copies, is_plain(variant))
         return seconds
 

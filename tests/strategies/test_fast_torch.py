@@ -279,6 +279,12 @@ def _pair_model(conv: nn.Conv2d, bn: bool = True, size: int = 12):
     return _with_bn_stats(nn.Sequential(*layers), (2, size, size))
 
 
+def _builds(model, backend):
+    """The split of ``model`` with and without fused channel dropout + convolution pairs (inside MC mode)."""
+    dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+    return tuple(_torch_graph._build(model, backend.dropout_types, dropouts, fuse=fuse) for fuse in (True, False))
+
+
 @pytest.mark.parametrize("conv, bn", [
     (nn.Conv2d(5, 7, 3, padding=1), True),
     (nn.Conv2d(5, 7, 3, padding=1, bias=False), False),
@@ -295,9 +301,7 @@ def test_a_fused_channel_dropout_convolution_gives_the_unfused_samples(conv, bn,
     backend = get_backend("torch")
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((n, 2, 12, 12)).astype(np.float32))
     with backend.mc_mode(model):
-        dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
-        fused = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=True)
-        plain = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=False)
+        fused, plain = _builds(model, backend)
         assert fused.fused and not plain.fused and "channel_dropout_conv" in fused.suffix_module.code
         frontier = fused.prefix(x)
         assert (fused.row_block(frontier) is not None) == (n == 9)
@@ -307,8 +311,7 @@ def test_a_fused_channel_dropout_convolution_gives_the_unfused_samples(conv, bn,
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert a.std(0).min() > 0  # the masks do vary between samples
         # inactive dropout: the model's own output for every copy
-        for m in dropouts:
-            m.eval()
+        model.eval()  # the dropouts too (mc_mode restores every flag)
         out = fused.suffix(frontier, None, copies=2)
         expected = model(x)
         torch.testing.assert_close(out, torch.cat([expected, expected]), rtol=1e-5, atol=1e-5)
@@ -355,9 +358,7 @@ def test_a_fused_pair_with_a_changed_module_falls_back_at_call_time():
     backend = get_backend("torch")
     x = torch.from_numpy(np.random.default_rng(2).standard_normal((3, 2, 12, 12)).astype(np.float32))
     with backend.mc_mode(model):
-        dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
-        fused = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=True)
-        plain = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=False)
+        fused, plain = _builds(model, backend)
         frontier = fused.prefix(x)
         conv.padding_mode = "circular"  # now not unfoldable: both must give circular-padding results
         a = fused.suffix(frontier, backend.generators(model, [1, 2, 3]))
@@ -470,9 +471,7 @@ def test_reused_buffers_never_overwrite_a_result_still_in_use():
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
     backend = get_backend("torch")
     with backend.mc_mode(model):
-        dropouts = [model[2]]
-        fused = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=True)
-        plain = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=False)
+        fused, plain = _builds(model, backend)
         frontier = fused.prefix(torch.from_numpy(x))
         tables: dict = {}
         blocks = [fused.suffix(frontier, backend.generators(model, [s, s + 1]), tables=tables) for s in (0, 2, 4)]
