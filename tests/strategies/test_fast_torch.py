@@ -504,6 +504,51 @@ def test_auto_can_choose_the_split_without_fused_pairs(monkeypatch):
     np.testing.assert_allclose(samples, fused, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_times_the_largest_blocks_first_and_stops_two_sizes_past_the_best(monkeypatch):
+    """The biggest blocks run first (before other sizes' allocator caches pile up) and a family stops after
+    two sizes more than 1.2x slower than its best: here 100 copies per pass is best, so 50 and 25 end the scan.
+    The second scan skips what is far behind, the loop included."""
+    from mcu.strategies import auto
+
+    model = _models.zoo("torch").mlp()
+    x = np.random.default_rng(0).standard_normal((4, 784)).astype(np.float32)
+    timed = []
+
+    def fake_time(strategy, plan, copies):
+        timed.append((strategy.name, copies))
+        return 1.0 / copies if strategy.name != "loop" else 1.0  # bigger blocks: faster per sample
+
+    monkeypatch.setattr(auto, "_time_per_sample", fake_time)
+    monkeypatch.setattr(auto, "PARALLEL_MIN_BLOCK_SECONDS", float("inf"))  # single-thread families only
+    _, info = mcu.sample(model, x, 100, max_memory=1 << 30, return_info=True)
+    start = timed.index(("prefix", 100))
+    first_scan = [c for name, c in timed[start : timed.index(("prefix", 100), start + 1)] if name == "prefix"]
+    assert first_scan == [100, 50, 25], timed
+    # the loop: once for the tiny-pass check and once in the first scan; far behind, not timed again
+    assert timed.count(("loop", 1)) == 2, timed
+    assert info.strategy == "prefix" and info.details["copies_per_pass"] == 100
+
+
+@pytest.mark.parametrize("ratio, parallel_runs", [(1.5, 2), (2.5, 1)])
+def test_the_second_scan_skips_worker_threads_far_behind(monkeypatch, ratio, parallel_runs):
+    """Worker threads get a second look like every other configuration: only within RESCAN_FACTOR of the best."""
+    from mcu.strategies import auto
+
+    model = _models.zoo("torch").mlp()
+    x = np.random.default_rng(0).standard_normal((4, 784)).astype(np.float32)
+    runs = []
+
+    def fake_time(strategy, plan, copies):
+        runs.append(strategy.name)
+        return {"loop": 1.0, "prefix": 0.01, "vectorized": 0.5}.get(strategy.name, ratio * 0.01)
+
+    monkeypatch.setattr(auto, "_time_per_sample", fake_time)
+    monkeypatch.setattr(auto, "PARALLEL_MIN_BLOCK_SECONDS", 0.0)
+    _, info = mcu.sample(model, x, 40, workers=2, return_info=True)
+    assert info.strategy == "prefix", info.strategy_reason
+    assert runs.count("parallel") == parallel_runs, runs
+
+
 def _fused_and_plain(model, x):
     backend = get_backend("torch")
     with backend.mc_mode(model):
