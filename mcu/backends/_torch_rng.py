@@ -86,7 +86,8 @@ class Streams:
         keys = torch.from_numpy(_keys.sample_keys(self.seeds).view(np.int64)).view(-1, 1)
         self.keys = keys.to(self.device)
         self.offset = 0
-        self.root, self.start = self, 0
+        self._parent: Streams | None = None  # a view's root (the root itself is not stored: no reference cycle)
+        self.start = 0
         self._shared: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._lock = threading.Lock()  # blocks of one call may run in parallel threads
 
@@ -99,8 +100,13 @@ class Streams:
         start, stop, _ = index.indices(len(self))
         view = object.__new__(Streams)
         view.device, view.seeds, view.keys = self.device, self.seeds[start:stop], self.keys[start:stop]
-        view.offset, view.root, view.start = self.offset, self.root, self.start + start
+        view.offset, view._parent, view.start = self.offset, self.root, self.start + start
         return view
+
+    @property
+    def root(self) -> "Streams":
+        """The streams of the whole call this one is a view of (itself if it is not a view)."""
+        return self if self._parent is None else self._parent
 
     def words(self, count: int) -> torch.Tensor:
         """``(k, count)`` int64 tensor of uniform 64-bit words (all bits random), stream ``j`` in row ``j``."""

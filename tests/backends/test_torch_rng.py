@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
+import weakref
 
 import numpy as np
 import pytest
@@ -135,6 +137,25 @@ def test_views_share_masks_drawn_once_and_equal_masks_drawn_per_block(monkeypatc
         for shape, mask in zip(shapes, masks):
             assert torch.equal(mask, bernoulli_masks(shape, keep, alone, CPU))
         assert view.offset == alone.offset
+
+
+def test_streams_and_their_views_are_freed_without_the_cycle_collector():
+    """No reference cycle: a call's streams (and the masks shared between its blocks) go as soon as the call
+    drops them, also while the cycle collector is off (e.g. paused around a timed call, as timeit does)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        root = Streams(range(10))
+        views = [root[0:5], root[5:10]]
+        for view in views:
+            view.masks("dropout", (30,), 0.5, CPU)
+        assert root._shared and views[0].root is root and root.root is root
+        freed = weakref.ref(root)
+        del root, views, view
+        assert freed() is None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_each_mask_resolves_its_ties_from_its_own_tie_stream(monkeypatch):
