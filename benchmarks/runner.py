@@ -228,7 +228,8 @@ def run_memory(task: dict, settings: dict) -> list[dict]:
     workload = workload_from(task["workload"])
     x = to_tensor(backend, inputs(workload, backend, n))
     model = workload.build(backend, seed=0)
-    run = make_run(config, workload, backend, model, settings, {})
+    info: dict = {}
+    run = make_run(config, workload, backend, model, settings, info)
     row = {"backend": backend, "workload": workload.name, "n": n, "t": t, **config, "status": "ok", "error": None}
     try:
         with warnings.catch_warnings():
@@ -239,7 +240,7 @@ def run_memory(task: dict, settings: dict) -> list[dict]:
             row["peak_reset"] = reset_peak()
             row["seconds"] = timed(run, x, t)
         peak = peak_rss_mb()
-        row.update(baseline_mb=baseline, peak_mb=peak, delta_mb=peak - baseline)
+        row.update(baseline_mb=baseline, peak_mb=peak, delta_mb=peak - baseline, chosen=info.get("chosen"))
     except Exception as exc:  # noqa: BLE001
         row.update(status="FAILED", error=error_text(exc))
     return [row]

@@ -65,3 +65,31 @@ def test_page_faults_script_reports_time_and_faults_per_call(capsys):
     assert "mlp N=2 T=5 prefix:" in line and "ms/call" in line and "minor page faults/call" in line
     with pytest.raises(SystemExit):
         main(["--workload", "no-such-workload"])
+
+
+def test_first_call_memory_script_measures_each_configuration_in_fresh_processes(tmp_path, capsys):
+    require_backend("torch")
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from benchmarks.first_call_memory import main
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = tmp_path / "other"  # a second checkout: here, its mcu changed to one that fails visibly
+    shutil.copytree(os.path.join(here, "mcu"), other / "mcu")
+    shutil.copytree(os.path.join(here, "benchmarks"), other / "benchmarks")
+    (other / "mcu" / "__init__.py").write_text("raise ImportError('the other checkout')\n")
+    with pytest.raises(subprocess.CalledProcessError):  # its child cannot import mcu: no silent fallback to ours
+        main(["--workload", "mlp", "--n", "2", "--t", "3", "--rounds", "1", "--compare", str(other)])
+    capsys.readouterr()
+    main(["--workload", "mlp", "--n", "2", "--t", "3", "--strategies", "loop,prefix,no-such", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert out.count("round 2: prefix") == 1 and "no-such FAILED" in out
+    assert "loop " in out.split("rounds (added peak MB")[1] and "{'prefix x3': 2}" in out
+    with pytest.raises(SystemExit):
+        main(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        main(["--compare", str(tmp_path / "missing")])
