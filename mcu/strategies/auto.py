@@ -261,8 +261,8 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
             # the block size the call will really run (100 samples at 32 copies: 4 blocks of 25). Largest first:
             # the biggest blocks then run before the other sizes' allocator and library caches have piled up,
             # and the family stops two sizes past its best (the benchmark CNN at N=64: 3 of 8 sizes; with the
-            # loop and worker threads re-timed only when not far behind, the first call's added peak memory,
-            # median of 10 fresh processes, went from 65.5 to 42.7 MB, the loop's 25.4 MB; the call 2.6 -> 1.9 s).
+            # loop and worker threads re-timed only when not far behind, the first call's added peak memory went
+            # from 45 to 35 MB, medians of 10 fresh processes, the loop's 26; the call from 2.2 to 1.7 s).
             sizes = {c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())
             for copies in sorted({block_sizes(n_samples, c)[0] for c in sizes}, reverse=True):
                 name = f"{strategy.name}{'-unfused' if is_plain(variant) else ''}x{copies}"
