@@ -10,8 +10,8 @@ from a shared random state it uses a fixed configuration — so timing never cha
 The probe runs under a fixed seed inside the backend's ``seeded`` block, so it neither consumes the user's
 random stream nor changes a seeded call's result. The choice is cached per model, per-example input shape,
 batch size, precision and sample count bucket, so it is stable across calls, and it is explained in
-``SampleInfo``. Copies per pass are capped by a memory budget (``max_memory``; by default
-about one full pass's activations, at least 4 MB).
+``SampleInfo``. Copies per pass are capped by a memory budget (``max_memory``; by default about one full
+pass's activations, at least 4 MB).
 """
 
 from __future__ import annotations
