@@ -203,10 +203,6 @@ def _workers(plan: Plan) -> int:
     return plan.workers or os.cpu_count() or 1
 
 
-def _loop_seconds(plan: Plan) -> float:
-    return _time_per_sample(LoopStrategy(), plan, 1)
-
-
 def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, int, str, bool]:
     """The fastest configuration: ``(strategy, copies, reason, unfused)``; ``unfused``: run the split's variant
     without fused pairs (PyTorch: the per-channel tables only pay with enough copies per pass)."""
@@ -217,21 +213,6 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
     def is_plain(variant: Any) -> bool:
         return plain is not None and variant is plain
 
-    # A seeded call only compares configurations that return the same samples (per-sample random streams).
-    # Vectorized runs the whole model per copy: with a split, prefix does the same work minus the prefix with
-    # cheaper masks, and wins unless the whole pass is tiny (then per-sample mask overhead decides). So with a
-    # split, vectorized is probed only for passes under TINY_PASS_SECONDS per sample (probing it on a
-    # 784-512-10 MLP cost ~20 MB of allocator and BLAS buffers for nothing).
-    families: list[tuple[Any, int, Any]] = []  # (strategy, most copies per pass, split variant)
-    if vectorized and not plan.seeded and (plan.split is None or _loop_seconds(plan) < TINY_PASS_SECONDS):
-        families.append((VectorizedStrategy(), limits["vectorized"], split))
-    if plan.split is not None:
-        families.append((PrefixStrategy(), limits["prefix"], split))
-        if plain is not None:  # same samples up to rounding: also fine for a seeded call
-            with _using_split(plan, plain):
-                families.append((PrefixStrategy(), _prefix_limit(plan, budget, n_samples)[0], plain))
-        if _workers(plan) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
-            families.append((ParallelStrategy(), limits["parallel"], split))
     timings: dict[str, float] = {}
     configs: dict[str, tuple[Any, int, bool]] = {}
 
@@ -241,6 +222,22 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
         timings[name], configs[name] = seconds, (strategy, copies, is_plain(variant))
         return seconds
 
+    # A seeded call only compares configurations that return the same samples (per-sample random streams).
+    # Vectorized runs the whole model per copy: with a split, prefix does the same work minus the prefix with
+    # cheaper masks, and wins unless the whole pass is tiny (then per-sample mask overhead decides). So with a
+    # split, vectorized is probed only for passes under TINY_PASS_SECONDS per sample (probing it on a
+    # 784-512-10 MLP cost ~20 MB of allocator and BLAS buffers for nothing). The check's loop timing counts
+    # as the first scan's.
+    families: list[tuple[Any, int, Any]] = []  # (strategy, most copies per pass, split variant)
+    if vectorized and not plan.seeded and (plan.split is None or timed(LoopStrategy(), 1, "loop") < TINY_PASS_SECONDS):
+        families.append((VectorizedStrategy(), limits["vectorized"], split))
+    if plan.split is not None:
+        families.append((PrefixStrategy(), limits["prefix"], split))
+        if plain is not None:  # same samples up to rounding: also fine for a seeded call
+            with _using_split(plan, plain):
+                families.append((PrefixStrategy(), _prefix_limit(plan, budget, n_samples)[0], plain))
+        if _workers(plan) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
+            families.append((ParallelStrategy(), limits["parallel"], split))
     # Two scans, each configuration keeping its faster time: a process's first second of work runs slower
     # and erratically (allocator and thread-pool warm-up; measured up to 4x), which one scan would bake into
     # a choice that is cached for good.
@@ -251,7 +248,7 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
         return name in timings and timings[name] > RESCAN_FACTOR * min(timings.values())
 
     for scan in range(PROBE_SCANS):
-        if not plan.seeded and not (scan and behind("loop")):
+        if not plan.seeded and not (behind("loop") if scan else "loop" in timings):
             timed(LoopStrategy(), 1, "loop")
         for strategy, limit, variant in scanned:
             if is_plain(variant) and _fused_runs_many_copies(timings, configs):
