@@ -119,7 +119,7 @@ class Streams:
         """32-bit words for resolving the ties of stream ``j``'s mask that starts at bulk word ``offset``: a
         SplitMix64 stream keyed by word ``2**62 + offset`` of stream ``j`` (never a bulk word), so they depend
         only on the stream and the mask, not on which streams were drawn together."""
-        key = splitmix64(splitmix64(self.seeds[j] + _GAMMA) + (_TIES + offset + 1) * _GAMMA)
+        key = splitmix64(int(_keys.sample_keys(self.seeds[j : j + 1])[0]) + (_TIES + offset + 1) * _GAMMA)
         for i in itertools.count(1):
             yield splitmix64(key + i * _GAMMA) & (_WORD - 1)
 
