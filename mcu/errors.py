@@ -9,6 +9,7 @@ __all__ = [
     "BackendNotInstalledError",
     "BackendMismatchError",
     "InputError",
+    "DropoutSiteWarning",
 ]
 
 
@@ -34,3 +35,8 @@ class BackendMismatchError(BackendError):
 
 class InputError(MCUError, ValueError):
     """An argument has the wrong type, shape or value."""
+
+
+class DropoutSiteWarning(UserWarning):
+    """Some dropout sites of the model stay off during sampling (mcu could not switch them on without
+    changing the model), so the samples underestimate the spread."""

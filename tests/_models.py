@@ -66,7 +66,7 @@ def _torch_zoo() -> SimpleNamespace:
         mlp=lambda p=0.5: MCNet(p),
         cnn=lambda: with_bn_stats(cnn()),
         no_dropout=lambda: nn.Sequential(nn.Linear(784, 10)),
-        augmented=lambda: nn.Sequential(Augment(), nn.Flatten(), nn.Linear(784, 10), nn.Dropout(0.0)),
+        augmented=lambda: nn.Sequential(Augment(), nn.Flatten(), nn.Linear(784, 10), nn.Dropout(0.5)),
         image=lambda rng, n: rng.standard_normal((n, 1, 28, 28)).astype(np.float32),
         vector=lambda rng, n: rng.standard_normal((n, 784)).astype(np.float32),
         tensor=lambda a: torch.from_numpy(a),
@@ -118,7 +118,7 @@ def _keras_zoo() -> SimpleNamespace:
         inputs = keras.Input((28, 28, 1))
         h = L.RandomFlip("horizontal")(inputs)
         h = L.RandomRotation(0.2)(h)
-        h = L.Dropout(0.0)(L.Dense(10)(L.Flatten()(h)))
+        h = L.Dropout(0.5)(L.Dense(10)(L.Flatten()(h)))
         return keras.Model(inputs, h)
 
     def snapshot(model):

@@ -4,20 +4,26 @@ The traced graph is cut in two: the *prefix* (every node not downstream of a dro
 function of the input, run once on the N examples) and the *suffix* (the rest, run on k stacked copies of the
 prefix's outputs). In the suffix, ``Dropout``/``Dropout1d/2d/3d`` modules are replaced by :func:`fast_dropout`,
 whose Bernoulli masks come from per-sample counter-based random streams (:mod:`mcu.backends._torch_rng`)
-instead of per-element draws. Both graphs call the user's own module objects (no copy, nothing changed);
-tracing happens inside MC mode so that any ``self.training`` branch is taken as in MC mode. Every split is
-validated once against the model itself with dropout inactive, on two stacked copies, so a batch-size constant
-captured by the trace cannot silently give wrong results.
+instead of per-element draws. The graph is traced from the model's sampling twin
+(:mod:`mcu.backends._torch_twin`), so every ``self.training`` branch is taken as in MC mode and the graphs call
+the twin's modules (the user's parameters, the twin's flags). Every random operation counts as stochastic:
+dropout modules, leaf modules in training mode (``nn.MultiheadAttention``, ``nn.LSTM``,
+``nn.TransformerEncoderLayer``, ...) and random functions (``F.dropout``, attention with ``dropout_p > 0``,
+``torch.bernoulli`` ...); those without a fast path run natively in the suffix (global generator). Every split is
+validated once against the model with dropout inactive (graphs bound to the twin whose modules are all in eval
+mode, random functions inactive), on two stacked copies, so a batch-size constant captured by the trace cannot
+silently give wrong results.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 import torch.fx
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcu.backends._torch_rng import Streams
+from mcu.backends._torch_twin import RANDOM_FUNCTIONS, Twin, is_random_call
 
 __all__ = ["Masks", "TorchSplit", "channel_dropout_conv", "fast_dropout", "repeat_rows", "split_model"]
 
@@ -283,6 +290,45 @@ def _native_dropout(x: torch.Tensor, module: nn.Module, masks: Masks | None,
     return x if masks is None else module(x)
 
 
+_INACTIVE_ARG = {F.scaled_dot_product_attention: ("dropout_p", 4, 0.0),
+                 F.multi_head_attention_forward: ("training", None, False)}
+
+
+def _native_call(masks: Masks | None, fn: Callable, *args: object, **kwargs: object) -> object:
+    """A random function in the suffix, run natively (global RNG); with ``masks=None`` (validation) its
+    inactive form: a dropout returns its input, attention runs without dropout, anything else runs as is
+    (and fails validation if it is random)."""
+    if masks is not None:
+        return fn(*args, **kwargs)
+    name = getattr(fn, "__name__", "")
+    if "dropout" in name and fn not in _INACTIVE_ARG:
+        return args[0] if args else kwargs["input"]
+    if fn in _INACTIVE_ARG:
+        key, index, value = _INACTIVE_ARG[fn]
+        if index is not None and len(args) > index:
+            args = args[:index] + (value,) + args[index + 1:]
+        else:
+            kwargs = {**kwargs, key: value}
+    return fn(*args, **kwargs)
+
+
+def _native_method(masks: Masks | None, name: str, self: torch.Tensor, *args: object, **kwargs: object) -> object:
+    """A random tensor method in the suffix (e.g. ``bernoulli_`` of a drop-path), run natively."""
+    return getattr(self, name)(*args, **kwargs)
+
+
+def _random_node(node: torch.fx.Node, modules: dict[str, nn.Module], training: frozenset) -> bool:
+    """Whether ``node`` draws random numbers in MC mode: a leaf module of the twin in training mode (dropout,
+    attention, RNN, ...), a random function or a random tensor method."""
+    if node.op == "call_module":
+        return modules.get(node.target) in training
+    if node.op == "call_function":
+        return is_random_call(node.target, node.args, node.kwargs)[0]
+    if node.op == "call_method":
+        return node.target in RANDOM_FUNCTIONS
+    return False
+
+
 @dataclass
 class TorchSplit:
     """A validated prefix/suffix pair. ``suffix(frontier, streams)`` takes the frontier of the ``N`` examples
@@ -302,6 +348,8 @@ class TorchSplit:
     #: per thread: buffers the fused pairs reuse across blocks and calls when all examples run at once (freed
     #: with the split)
     _buffers: threading.local = field(default_factory=threading.local, init=False, repr=False, compare=False)
+    #: the graphs bound to the all-eval twin, for validation (see _inactive)
+    _inactive: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def prefix(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The frontier values for ``x``. Image-like tensors come back channels-last: the same values in the
@@ -368,9 +416,37 @@ class TorchSplit:
         return f"{self.n_prefix_nodes} graph nodes run once, {self.n_suffix_nodes} per sample{fused}"
 
 
-def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence[nn.Module] = (),
-           fuse: bool = True) -> TorchSplit:
-    traced = torch.fx.symbolic_trace(model)
+class _ThreadTracer(torch.fx.Tracer):
+    """``torch.fx`` tracing patches ``nn.Module.__call__`` and ``__getattr__`` process-wide while it runs: this
+    tracer lets other threads' module calls and attribute reads through untouched (they would otherwise see
+    proxies, or fail), and traces run one at a time (nested patches restored out of order would stay)."""
+
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._owner = threading.get_ident()
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> object:
+        if threading.get_ident() != self._owner:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: object, parameter_proxy_cache: dict) -> object:
+        if threading.get_ident() != self._owner:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def _trace(module: nn.Module) -> torch.fx.GraphModule:
+    with _ThreadTracer._lock:
+        tracer = _ThreadTracer()
+        graph = tracer.trace(module)
+    return torch.fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _build(twin: Twin, dropout_types: tuple[type, ...], fuse: bool = True) -> TorchSplit:
+    traced = _trace(twin.module)
     graph = traced.graph
     modules = dict(traced.named_modules())
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -379,22 +455,27 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence
 
     def is_dropout(node: torch.fx.Node) -> bool:
         module = modules.get(node.target) if node.op == "call_module" else None
-        return module is not None and (isinstance(module, dropout_types) or scripted_dropout(module))
+        return module in twin.training and (isinstance(module, dropout_types) or scripted_dropout(module))
 
-    traced_dropouts = {id(modules[n.target]) for n in graph.nodes if is_dropout(n)}
-    hidden = [type(m).__name__ for m in dropouts if id(m) not in traced_dropouts]
+    def is_random(node: torch.fx.Node) -> bool:
+        return _random_node(node, modules, twin.training)
+
+    called = {modules[n.target] for n in graph.nodes if n.op == "call_module"}
+    covered = {id(m) for leaf in called for m in leaf.modules()}
+    hidden = [type(m).__name__ for m in twin.training
+              if (isinstance(m, dropout_types) or scripted_dropout(m)) and id(m) not in covered]
     if hidden:  # e.g. a TorchScript dropout, traced through: it would run once, in the prefix
         raise _Unsupported(f"dropout modules not visible as module calls to torch.fx: {hidden}")
     stochastic: set[torch.fx.Node] = set()
     batched: set[torch.fx.Node] = set(placeholders)  # depends on the input (so has N rows, or is a size)
     for node in graph.nodes:
-        if is_dropout(node) or any(arg in stochastic for arg in node.all_input_nodes):
+        if is_random(node) or any(arg in stochastic for arg in node.all_input_nodes):
             stochastic.add(node)
         elif any(arg in batched for arg in node.all_input_nodes):
             batched.add(node)
     output = next(n for n in graph.nodes if n.op == "output")
     if output not in stochastic:
-        raise _Unsupported("the output does not depend on any dropout module")
+        raise _Unsupported("the output does not depend on any dropout")
     # Batched deterministic values the suffix needs are computed once and passed in; constants (parameters,
     # buffers, anything not derived from the input) are simply recomputed inside the suffix.
     frontier = [n for n in graph.nodes if n in batched and n not in stochastic and any(u in stochastic for u in n.users)]
@@ -449,6 +530,16 @@ def _build(model: nn.Module, dropout_types: tuple[type, ...], dropouts: Sequence
                 env2[node] = suffix.call_function(_native_dropout, (env2[source], module, masks, copies))
         elif node in env2:
             continue  # a BatchNorm already folded into the convolution before it, or a fused pair's convolution
+        elif node.op in ("call_function", "call_method") and is_random(node):
+            native = True
+            args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda n: env2[n])
+            if node.op == "call_function":
+                env2[node] = suffix.call_function(_native_call, (masks, node.target, *args), kwargs)
+            else:
+                env2[node] = suffix.call_function(_native_method, (masks, node.target, *args), kwargs)
+        elif node.op == "call_module" and is_random(node):
+            native = True  # a leaf module with dropout inside (attention, RNN, transformer layer): runs as it is
+            env2[node] = suffix.node_copy(node, lambda n: env2[n])
         elif (bn := _folds_into(node, modules)) is not None:
             args = (env2[node.args[0]], suffix.get_attr(node.target), suffix.get_attr(bn.target))
             env2[node] = env2[bn] = suffix.call_function(conv_bn, args)
@@ -534,25 +625,30 @@ def conv_bn(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
     return _made(conv._conv_forward(x, weight, shift))
 
 
-def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor) -> None:
+def _inactive(split: TorchSplit, twin: Twin) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The split's graphs bound to the twin whose modules are all in eval mode: dropout inactive everywhere (with
+    no masks, fast dropouts and random functions are inactive too). Built once per split."""
+    if split._inactive is None:
+        root = twin.inference
+        split._inactive = (torch.fx.GraphModule(root, copy.deepcopy(split.prefix_module.graph)),
+                           torch.fx.GraphModule(root, copy.deepcopy(split.suffix_module.graph)))
+    return split._inactive
+
+
+def _validate(split: TorchSplit, twin: Twin, x: torch.Tensor) -> None:
     """Two stacked copies through the split must equal the model's own output (dropout inactive). Checked in
-    the model's own precision (autocast off): a bf16 call must not reject a split for bf16 rounding."""
-    flags = [m.training for m in dropouts]
-    try:
-        for m in dropouts:
-            m.training = False
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            reference = model(x)
-            frontier = split.prefix(x)
-            out = split.suffix(frontier, None, copies=2)
-    finally:
-        for m, flag in zip(dropouts, flags):
-            m.training = flag
+    the model's own precision (autocast off): a bf16 call must not reject a split for bf16 rounding. Nothing
+    is switched on or off: the inactive graphs run on the twin's all-eval sibling."""
+    prefix, suffix = _inactive(split, twin)
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        reference = twin.inference(x)
+        frontier = [_channels_last(t) for t in prefix(x)]
+        out = suffix(*frontier, None, 2)
     if not isinstance(out, torch.Tensor) or out.shape != (2 * x.shape[0],) + reference.shape[1:]:
         raise _Unsupported("the split graph does not reproduce the output shape for stacked copies")
     n = x.shape[0]
-    for copy in (out[:n], out[n:]):
-        if not torch.allclose(copy.float(), reference.float(), rtol=1e-4, atol=1e-5):
+    for copy_ in (out[:n], out[n:]):
+        if not torch.allclose(copy_.float(), reference.float(), rtol=1e-4, atol=1e-5):
             raise _Unsupported("the split graph does not reproduce the model's output for stacked copies")
     if split.fused and split.native_rng:  # row blocks could not be checked without touching the global RNG
         raise _Unsupported("fused pairs need every dropout's masks from the per-sample streams")
@@ -562,6 +658,7 @@ def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x:
         def streams() -> Streams:
             return Streams((11, 12), x.device)
 
+        frontier = split.prefix(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             together = split.suffix(frontier, streams(), row_block=0)
             blocked = split.suffix(frontier, streams(), row_block=1)
@@ -570,16 +667,17 @@ def _validate(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x:
             raise _Unsupported("running the examples in row blocks changes the samples")
 
 
-def still_valid(split: TorchSplit, model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor) -> bool:
+def still_valid(split: TorchSplit, twin: Twin, x: torch.Tensor) -> bool:
     """Whether a cached split still reproduces the model (attributes the trace baked in may have changed)."""
     try:
-        _validate(split, model, dropouts, x[: min(int(x.shape[0]), 2)])
+        _validate(split, twin, x[: min(int(x.shape[0]), 2)])
     except Exception:  # noqa: BLE001 - any failure means: rebuild
         return False
     return True
 
 
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
+#: the sampling twin's own bookkeeping (see mcu.backends.torch) is not an attribute a trace can bake in
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training", "_mcu_twin"}
 
 
 def attribute_state(model: nn.Module) -> tuple:
@@ -610,20 +708,20 @@ def _plain(value: object, depth: int = 0) -> object:
     return (type(value), id(value))
 
 
-def split_model(model: nn.Module, dropouts: list[nn.Module], x: torch.Tensor,
-                dropout_types: tuple[type, ...]) -> tuple[TorchSplit | None, str]:
-    """Trace and split ``model`` (call inside MC mode). Returns ``(split, why)`` or ``(None, why not)``. A split
+def split_model(twin: Twin, x: torch.Tensor, dropout_types: tuple[type, ...]) -> tuple[TorchSplit | None, str]:
+    """Trace and split the sampling twin's module. Returns ``(split, why)`` or ``(None, why not)``. A split
     with fused channel dropout + convolution pairs that fails validation is retried without them."""
     why = ""
+    rows = x[: min(int(x.shape[0]), 3)]
     for fuse in (True, False):
         split = None
         try:
-            split = _build(model, dropout_types, dropouts, fuse)
-            _validate(split, model, dropouts, x[: min(int(x.shape[0]), 3)])
+            split = _build(twin, dropout_types, fuse)
+            _validate(split, twin, rows)
             if split.fused:
                 try:
-                    plain = _build(model, dropout_types, dropouts, fuse=False)
-                    _validate(plain, model, dropouts, x[: min(int(x.shape[0]), 3)])
+                    plain = _build(twin, dropout_types, fuse=False)
+                    _validate(plain, twin, rows)
                     split.unfused = plain
                 except Exception:  # noqa: BLE001 - the fused split stands on its own
                     split.unfused = None

@@ -155,7 +155,7 @@ class KerasBackend:
                 "copies of the batch would share it too")
 
     @contextlib.contextmanager
-    def mc_mode(self, model: keras.layers.Layer, mode: str = "dropout") -> Iterator[None]:
+    def mc_mode(self, model: keras.layers.Layer, mode: str = "dropout", x: Any = None) -> Iterator[None]:
         dropouts = self.dropout_layers(model)
         patched: list[tuple[keras.layers.Layer, Any]] = []
         # Training mode may update BatchNorm moving statistics: snapshot every variable to restore it exactly.

@@ -1,9 +1,15 @@
-"""PyTorch backend: only ``_DropoutNd`` modules in train mode, everything else in eval mode."""
+"""PyTorch backend: every dropout site of the model stochastic, everything else in eval mode, on a twin.
+
+Sampling never touches the user's model: passes run on a parameter-sharing twin whose training flags are its
+own (:mod:`mcu.backends._torch_twin`), so calls from many threads, and plain inference on the same model, do
+not interfere.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Iterator
@@ -12,12 +18,17 @@ import numpy as np
 import torch
 from torch.nn.modules.dropout import _DropoutNd
 
-from mcu.backends import _torch_graph, _torch_rng
-from mcu.errors import InputError, NoDropoutError
+from mcu.backends import _torch_graph, _torch_rng, _torch_twin
+from mcu.errors import DropoutSiteWarning, InputError, NoDropoutError
 
 __all__ = ["TorchBackend"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Held while a seeded call owns torch's global generators (dropout inside functional calls, attention and
+#: RNN kernels draws from them): seeded calls are serialised, unseeded ones never wait for it.
+_GLOBAL_RNG = threading.RLock()
+#: Calls currently running worker threads, and the intra-op thread count to restore when the last one ends.
+_THREADS: dict[str, Any] = {"lock": threading.Lock(), "users": 0, "saved": 1}
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -26,6 +37,30 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     for tensor in model.buffers():
         return tensor.device, (tensor.dtype if tensor.is_floating_point() else torch.get_default_dtype())
     return torch.device("cpu"), torch.get_default_dtype()
+
+
+_TWIN_KEY = "_mcu_twin"
+
+
+def _twin_info(module: torch.nn.Module) -> _torch_twin.Twin | None:
+    """The :class:`~mcu.backends._torch_twin.Twin` whose module ``module`` is (None for any other module)."""
+    ref = module.__dict__.get(_TWIN_KEY)
+    return None if ref is None else ref()
+
+
+def _static_site(module: torch.nn.Module) -> bool:
+    """A dropout site visible without running the model, with a rate > 0."""
+    if isinstance(module, _DropoutNd):
+        return module.p > 0.0
+    if isinstance(module, torch.nn.MultiheadAttention):
+        return module.dropout > 0.0
+    if isinstance(module, torch.nn.RNNBase):
+        return module.dropout > 0.0 and module.num_layers > 1
+    return _torch_graph.scripted_dropout(module) and float(getattr(module, "p", 0.0)) > 0.0
+
+
+def _warn_sites(message: str) -> None:
+    warnings.warn(message, DropoutSiteWarning, stacklevel=6)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -41,6 +76,8 @@ class TorchBackend:
 
     def __init__(self) -> None:
         self._splits: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+        self._splits_lock = threading.Lock()
+        self._twins = _torch_twin.TwinCache()
 
     def is_model(self, obj: Any) -> bool:
         keras = sys.modules.get("keras")
@@ -49,36 +86,37 @@ class TorchBackend:
         return isinstance(obj, torch.nn.Module)
 
     def dropout_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
-        layers = [m for m in model.modules() if isinstance(m, self.dropout_types) or _torch_graph.scripted_dropout(m)]
-        if not layers:
-            raise NoDropoutError(
-                f"model: {type(model).__qualname__} has no dropout module, so every MC sample would be "
-                "identical; expected at least one of torch.nn.Dropout, Dropout1d, Dropout2d, Dropout3d, "
-                "AlphaDropout, FeatureAlphaDropout (functional F.dropout calls are not seen)."
-            )
-        return layers
+        """The dropout modules with a rate > 0 that can be seen without running the model (``nn.Dropout*``,
+        ``nn.MultiheadAttention``/``nn.RNN``-family dropout, TorchScript dropout). Dropout in functional calls
+        is only seen by running the model (:meth:`mc_mode` raises ``NoDropoutError`` if there is none), so an
+        empty list is no error here."""
+        return [m for m in model.modules() if _static_site(m)]
+
+    def twin(self, model: torch.nn.Module, mode: str, x: torch.Tensor) -> _torch_twin.Twin:
+        """The twin that sampling runs on (built on first use for ``model`` and ``mode``; see
+        :mod:`mcu.backends._torch_twin`)."""
+        def make() -> _torch_twin.Twin:
+            with _GLOBAL_RNG, torch.no_grad():  # the probe draws (and restores) the global generators
+                twin = _torch_twin.build(model, mode, x, self.forward, NoDropoutError, _warn_sites)
+            twin.module.__dict__[_TWIN_KEY] = weakref.ref(twin)
+            return twin
+
+        return self._twins.get(model, mode, make)
 
     @contextlib.contextmanager
-    def mc_mode(self, model: torch.nn.Module, mode: str = "dropout") -> Iterator[None]:
-        dropouts = self.dropout_layers(model)
-        flags = [(module, module.training) for module in model.modules()]
-        # In training mode BatchNorm updates its running statistics: snapshot every buffer to restore it.
-        saved = [(b, b.detach().clone()) for b in model.buffers()] if mode == "training" else []
-        try:
-            if mode == "training":
-                model.train()
-            else:
-                model.eval()
-                for module in dropouts:
-                    module.train()
-            with torch.no_grad():
-                yield
-        finally:
-            for module, flag in flags:
-                module.training = flag
-            with torch.no_grad():
-                for buffer, copy in saved:
-                    buffer.copy_(copy)
+    def mc_mode(self, model: torch.nn.Module, mode: str = "dropout", x: Any = None) -> Iterator[torch.nn.Module]:
+        """Yields the module to run the passes on: the model's twin, dropout on (``mode="dropout"``) or every
+        module in training mode (``"training"``). The user's model is not modified at all."""
+        if x is None:
+            raise TypeError("TorchBackend.mc_mode needs the converted input x (the twin is probed with it)")
+        twin = self.twin(model, mode, x)
+        with torch.no_grad():
+            yield twin.module
+
+    def stacking_problem(self, model: torch.nn.Module, split: Any = None) -> str | None:
+        """Why stacked copies of the batch in one pass would share randomness (None: they would not)."""
+        twin = _twin_info(model)
+        return None if twin is None else twin.stacking_problem
 
     @contextlib.contextmanager
     def seeded(self, model: torch.nn.Module, seed: int | None) -> Iterator[None]:
@@ -87,8 +125,9 @@ class TorchBackend:
             return
         device, _ = _model_device_dtype(model)
         cuda = [device.index or 0] if device.type == "cuda" else []
-        # fork_rng restores the global generators afterwards: the user's RNG stream is not disturbed.
-        with torch.random.fork_rng(devices=cuda):
+        # fork_rng restores the global generators afterwards: the user's RNG stream is not disturbed. The lock
+        # keeps two seeded calls from seeding and restoring the shared generators over each other.
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             yield
 
@@ -144,23 +183,29 @@ class TorchBackend:
     # ---- fast paths (prefix caching, cheap masks, threads, memory estimates) ----------------------------------
 
     def split(self, model: torch.nn.Module, x: torch.Tensor) -> tuple[Any, str]:
-        """A validated prefix/suffix split of ``model`` (inside :meth:`mc_mode`), cached per model, module
-        structure and per-example input shape; ``(None, reason)`` when the model cannot be split."""
-        structure = tuple(id(m) for m in model.modules())
-        key = (structure, tuple(x.shape[1:]), x.dtype)
-        cache = self._splits.setdefault(model, {})
-        dropouts = self.dropout_layers(model)
+        """A validated prefix/suffix split of a sampling twin (the module :meth:`mc_mode` yields), cached per twin
+        and per-example input shape; ``(None, reason)`` when the model cannot be split."""
+        twin = _twin_info(model)
+        if twin is None:
+            return None, "not a sampling twin (call inside mc_mode)"
+        key = (tuple(x.shape[1:]), x.dtype)
         state = _torch_graph.attribute_state(model)
-        if key in cache and cache[key][0] is not None:
-            split, why, seen = cache[key]
+        with self._splits_lock:
+            entry = self._splits.setdefault(model, {}).get(key)
+        if entry is not None and entry[0] is not None:
+            split, why, seen = entry
             # the trace baked plain attributes in as constants: when one changed, re-check the split (a few rows)
-            if state == seen or _torch_graph.still_valid(split, model, dropouts, x):
-                cache[key] = (split, why, state)
+            if state == seen or _torch_graph.still_valid(split, twin, x):
+                with self._splits_lock:
+                    self._splits[model][key] = (split, why, state)
                 return split, why
-        if key not in cache or cache[key][0] is not None:
-            cache.clear()  # a changed structure, input shape or attribute invalidates older splits
-            cache[key] = (*_torch_graph.split_model(model, dropouts, x, self.dropout_types), state)
-        return cache[key][:2]
+        if entry is None or entry[0] is not None:
+            entry = (*_torch_graph.split_model(twin, x, self.dropout_types), state)
+            with self._splits_lock:
+                cache = self._splits.setdefault(model, {})
+                cache.clear()  # a changed input shape or attribute invalidates older splits
+                cache[key] = entry
+        return entry[:2]
 
     def generators(self, model: torch.nn.Module, seeds: list[int]) -> _torch_rng.Streams:
         """One counter-based random stream per sample (the fast dropout masks draw from them, never from the
@@ -170,13 +215,20 @@ class TorchBackend:
 
     @contextlib.contextmanager
     def worker_threads(self, workers: int) -> Iterator[None]:
-        """One intra-op thread per worker while ``workers`` Python threads run (process-wide; restored)."""
-        previous = torch.get_num_threads()
-        torch.set_num_threads(max(1, previous // workers))
+        """One intra-op thread per worker while ``workers`` Python threads run. The setting is process-wide:
+        concurrent calls share it (the first one in saves the user's setting, the last one out restores it)."""
+        with _THREADS["lock"]:
+            if _THREADS["users"] == 0:
+                _THREADS["saved"] = torch.get_num_threads()
+            _THREADS["users"] += 1
+            torch.set_num_threads(max(1, _THREADS["saved"] // workers))
         try:
             yield
         finally:
-            torch.set_num_threads(previous)
+            with _THREADS["lock"]:
+                _THREADS["users"] -= 1
+                if _THREADS["users"] == 0:
+                    torch.set_num_threads(_THREADS["saved"])
 
     @contextlib.contextmanager
     def worker_context(self, model: torch.nn.Module, precision: str) -> Iterator[None]:
@@ -211,8 +263,11 @@ class _ActivationMeter:
 
     def __init__(self) -> None:
         self.bytes = 0
+        self._thread = threading.get_ident()  # the hook is global: other threads' passes are not ours
 
     def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if threading.get_ident() != self._thread:
+            return
         if next(module.children(), None) is None and isinstance(output, torch.Tensor):
             self.bytes += output.numel() * output.element_size()
 

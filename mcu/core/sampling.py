@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from mcu.backends import resolve
 from mcu.backends.base import MODES, PRECISIONS
-from mcu.errors import InputError
+from mcu.errors import DropoutSiteWarning, InputError
 from mcu.strategies import STRATEGIES, Plan
 from mcu.strategies.auto import prepare
 from mcu.strategies.base import SeedStream
@@ -94,14 +95,18 @@ class SamplingSession:
                          seeded=seed is not None)
         self._requested, self._mode, self._hint = strategy, mode, n_samples_hint
         self.info = SampleInfo(impl.name, choice.reason, strategy, "", chunk_size, precision, mode)
-        self._contexts = [impl.mc_mode(model, mode), impl.precision(model, precision), impl.seeded(model, seed)]
+        self._contexts = [impl.mc_mode(model, mode, tensor), impl.precision(model, precision),
+                          impl.seeded(model, seed)]
         self._entered: list[Any] = []
+        self._spread_checked = False
 
     def __enter__(self) -> "SamplingSession":
         try:
             for context in self._contexts[:2]:  # MC mode and precision: the strategy probe needs both
-                context.__enter__()
+                runner = context.__enter__()
                 self._entered.append(context)
+                if context is self._contexts[0] and runner is not None:
+                    self.plan.model = runner  # what the passes run on (PyTorch: the model's sampling twin)
             self.strategy, self.info.strategy_reason = prepare(self.plan, self._requested, self._hint, self._mode)
             self.info.strategy = self.strategy.name
             self.info.details["copies_per_pass"] = self.plan.copies
@@ -132,6 +137,13 @@ class SamplingSession:
         self.info.n_samples += n_samples
         self.info.seconds += time.perf_counter() - start
         assert out is not None and done == n_samples
+        if not self._spread_checked and n_samples > 1:
+            self._spread_checked = True
+            if (out[1:] == out[0]).all():
+                warnings.warn(
+                    f"model: all {n_samples} MC samples are identical: the model's dropout has no effect on its "
+                    "output (rates too small, or dropout on a path the output does not use); the spread is zero.",
+                    DropoutSiteWarning, stacklevel=3)
         return out
 
 

@@ -16,6 +16,7 @@ from mcu.backends import (
 )
 from mcu.backends._torch_graph import Masks, fast_dropout  # noqa: E402
 from mcu.backends._torch_rng import Streams  # noqa: E402
+from mcu.backends.torch import _twin_info  # noqa: E402
 from tests import _models  # noqa: E402
 
 
@@ -32,8 +33,9 @@ def test_broadcast_dropout_equals_dropout_on_stacked_copies(module):
 
 def _split(model, x):
     backend = get_backend("torch")
-    with backend.mc_mode(model):
-        return backend.split(model, torch.from_numpy(x))
+    t = torch.from_numpy(x)
+    with backend.mc_mode(model, "dropout", t) as twin:
+        return backend.split(twin, t)
 
 
 def test_prefix_activations_are_bit_identical_to_a_full_pass():
@@ -279,10 +281,10 @@ def _pair_model(conv: nn.Conv2d, bn: bool = True, size: int = 12):
     return _with_bn_stats(nn.Sequential(*layers), (2, size, size))
 
 
-def _builds(model, backend):
-    """The split of ``model`` with and without fused channel dropout + convolution pairs (inside MC mode)."""
-    dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
-    return tuple(_torch_graph._build(model, backend.dropout_types, dropouts, fuse=fuse) for fuse in (True, False))
+def _builds(twin, backend):
+    """The split of a sampling twin with and without fused channel dropout + convolution pairs."""
+    info = _twin_info(twin)
+    return tuple(_torch_graph._build(info, backend.dropout_types, fuse=fuse) for fuse in (True, False))
 
 
 @pytest.mark.parametrize("conv, bn", [
@@ -300,8 +302,8 @@ def test_a_fused_channel_dropout_convolution_gives_the_unfused_samples(conv, bn,
     model = _pair_model(conv, bn)
     backend = get_backend("torch")
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((n, 2, 12, 12)).astype(np.float32))
-    with backend.mc_mode(model):
-        fused, plain = _builds(model, backend)
+    with backend.mc_mode(model, "dropout", x) as twin:
+        fused, plain = _builds(twin, backend)
         assert fused.fused and not plain.fused and "channel_dropout_conv" in fused.suffix_module.code
         frontier = fused.prefix(x)
         assert (fused.row_block(frontier) is not None) == (n == 9)
@@ -340,13 +342,13 @@ def test_fused_pairs_are_not_used_where_they_do_not_apply():
     for conv in cases:
         model = _pair_model(conv, bn=False)
         x = torch.zeros(2, 2, 12, 12)
-        with backend.mc_mode(model):
-            split, why = backend.split(model, x)
+        with backend.mc_mode(model, "dropout", x) as twin:
+            split, why = backend.split(twin, x)
         assert split is not None and not split.fused, (conv, why)
     hooked = _pair_model(nn.Conv2d(5, 7, 3))
     hooked[3].register_forward_hook(lambda *a: None)
-    with backend.mc_mode(hooked):
-        split, why = backend.split(hooked, torch.zeros(2, 2, 12, 12))
+    with backend.mc_mode(hooked, "dropout", torch.zeros(2, 2, 12, 12)) as twin:
+        split, why = backend.split(twin, torch.zeros(2, 2, 12, 12))
     assert split is not None and not split.fused
 
 
@@ -357,10 +359,10 @@ def test_a_fused_pair_with_a_changed_module_falls_back_at_call_time():
     model = _pair_model(conv, bn=True)
     backend = get_backend("torch")
     x = torch.from_numpy(np.random.default_rng(2).standard_normal((3, 2, 12, 12)).astype(np.float32))
-    with backend.mc_mode(model):
-        fused, plain = _builds(model, backend)
+    with backend.mc_mode(model, "dropout", x) as twin:
+        fused, plain = _builds(twin, backend)
         frontier = fused.prefix(x)
-        conv.padding_mode = "circular"  # now not unfoldable: both must give circular-padding results
+        twin[3].padding_mode = "circular"  # the module the split calls (the twin's copy of conv)  # now not unfoldable: both must give circular-padding results
         a = fused.suffix(frontier, backend.generators(model, [1, 2, 3]))
         b = plain.suffix(frontier, backend.generators(model, [1, 2, 3]))
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -399,14 +401,16 @@ def test_a_bf16_call_splits_the_model_too():
 class Centered(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc, self.d, self.out = nn.Linear(4, 4), nn.Dropout(0.0), nn.Linear(4, 1)  # p=0: deterministic
+        self.fc, self.d, self.out = nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 1)
         self.register_buffer("mean", torch.zeros(4))
         self._scale = 1.0
 
-    def forward(self, x):
-        return self.out(self.d(self.fc(x - self.mean))) * self._scale
+    def forward(self, x):  # the dropout acts on zeros: a split with a suffix, yet deterministic samples
+        h = self.fc(x - self.mean)
+        return self.out(h + self.d(torch.zeros_like(h))) * self._scale
 
 
+@pytest.mark.filterwarnings("ignore::mcu.errors.DropoutSiteWarning")
 @pytest.mark.parametrize("change", ["buffer", "private", "parameter"])
 def test_a_replaced_buffer_parameter_or_private_attribute_is_seen(change):
     """The split cache must notice what a trace baked in changing: a replaced buffer or parameter object, a
@@ -470,8 +474,8 @@ def test_reused_buffers_never_overwrite_a_result_still_in_use():
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.5), nn.Conv2d(16, 3, 3)).eval()
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
     backend = get_backend("torch")
-    with backend.mc_mode(model):
-        fused, plain = _builds(model, backend)
+    with backend.mc_mode(model, "dropout", torch.from_numpy(x)) as twin:
+        fused, plain = _builds(twin, backend)
         frontier = fused.prefix(torch.from_numpy(x))
         tables: dict = {}
         blocks = [fused.suffix(frontier, backend.generators(model, [s, s + 1]), tables=tables) for s in (0, 2, 4)]
@@ -574,11 +578,11 @@ def test_a_call_leaves_no_reference_cycles_behind(strategy):
 
 def _fused_and_plain(model, x):
     backend = get_backend("torch")
-    with backend.mc_mode(model):
-        dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
-        split, why = _torch_graph.split_model(model, dropouts, x, backend.dropout_types)
+    with backend.mc_mode(model, "dropout", x) as twin:
+        info = _twin_info(twin)
+        split, why = _torch_graph.split_model(info, x, backend.dropout_types)
         assert split is not None, why
-        plain = _torch_graph._build(model, backend.dropout_types, dropouts, fuse=False)
+        plain = _torch_graph._build(info, backend.dropout_types, fuse=False)
         frontier = split.prefix(x)
         seeds = list(range(20, 26))
         fused = split.suffix(frontier, backend.generators(model, seeds))
@@ -663,5 +667,5 @@ def test_fused_pairs_at_edge_and_non_dyadic_rates(rate):
     model[2].p = rate
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((4, 2, 12, 12)).astype(np.float32))
     split, fused, unfused = _fused_and_plain(model, x)
-    assert split.fused
+    assert bool(split.fused) == (rate > 0)  # rate 0 is not dropout: an identity, no pair
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
