@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from mcu.structured import Batch
+
 __all__ = ["Twin", "RANDOM_FUNCTIONS", "fingerprint", "is_random_call", "twin_of"]
 
 #: functional dropouts and whether their ``training`` argument defaults to True
@@ -274,7 +276,7 @@ def build(model: nn.Module, mode: str, x: Any, run: Callable[[nn.Module, Any], A
     if _scripted(model):
         return _scripted_twin(model, mode, x, run, no_dropout)
     one = x[:2]  # two rows: enough for layers that need more than one example in training mode
-    two = torch.cat([one, one])
+    two = one.map(lambda t: torch.cat([t, t])) if isinstance(one, Batch) else torch.cat([one, one])
     state = fingerprint(model)
     names = _names(model)
     if mode == "training":

@@ -20,6 +20,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from mcu.backends import _torch_graph, _torch_rng, _torch_twin
 from mcu.errors import DropoutSiteWarning, InputError, NoDropoutError
+from mcu.structured import Batch, is_structured, select_output
 
 __all__ = ["TorchBackend"]
 
@@ -147,25 +148,34 @@ class TorchBackend:
             )
         return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
-    def to_tensor(self, model: torch.nn.Module, x: Any) -> torch.Tensor:
+    def to_tensor(self, model: torch.nn.Module, x: Any) -> torch.Tensor | Batch:
+        """``x`` as a tensor on the model's device (numpy floats in the model's dtype), or a dict/tuple of them
+        (a :class:`~mcu.structured.Batch`, passed to the model by name / in order)."""
+        if is_structured(x):
+            return Batch.convert(x, lambda leaf, name: self._leaf(model, leaf, name))
+        return self._leaf(model, x, "x")
+
+    def _leaf(self, model: torch.nn.Module, x: Any, argument: str) -> torch.Tensor:
         device, dtype = _model_device_dtype(model)
         if isinstance(x, torch.Tensor):
             tensor = x.detach()
         elif isinstance(x, np.ndarray):
             if x.dtype.kind == "f" and not np.isfinite(x).all():
-                raise InputError("x: contains NaN or infinite values; expected finite inputs.")
+                raise InputError(f"{argument}: contains NaN or infinite values; expected finite inputs.")
             tensor = torch.from_numpy(np.ascontiguousarray(x))
             if tensor.is_floating_point():
                 tensor = tensor.to(dtype)  # numpy float64 -> the model's parameter dtype (documented)
         else:
-            raise InputError(f"x: expected a numpy array or a torch.Tensor, got {type(x).__qualname__}.")
+            raise InputError(f"{argument}: expected a numpy array or a torch.Tensor (or, for x, a dict or tuple of "
+                             f"them), got {type(x).__qualname__}.")
         if isinstance(x, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InputError("x: contains NaN or infinite values; expected finite inputs.")
+            raise InputError(f"{argument}: contains NaN or infinite values; expected finite inputs.")
         return tensor.to(device)
 
-    def forward(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: torch.nn.Module, x: torch.Tensor | Batch) -> Any:
+        """One pass: the model's raw output (a tensor or a structure; see :meth:`select_output`)."""
         try:
-            out = model(x)
+            out = x.call(model) if isinstance(x, Batch) else model(x)
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             if _out_of_memory(exc):
                 raise  # not an input problem: lower chunk_size / max_memory
@@ -173,12 +183,12 @@ class TorchBackend:
                 f"x: the model rejected inputs of per-example shape {tuple(x.shape[1:])} and dtype {x.dtype} "
                 f"(a pass of {x.shape[0]} rows): {exc}"
             ) from exc
-        if not isinstance(out, torch.Tensor):
-            raise InputError(
-                f"model: expected the forward pass to return one tensor, got {type(out).__qualname__}; "
-                "wrap the model so that it returns a single tensor (e.g. stack mean and log-variance)."
-            )
         return out
+
+    def select_output(self, out: Any, output: Any) -> torch.Tensor:
+        """The tensor to sample from a pass's output: ``out`` itself, or what ``output`` selects from a tuple,
+        dict or Hugging Face ``ModelOutput``."""
+        return select_output(out, output, lambda t: isinstance(t, torch.Tensor))
 
     # ---- fast paths (prefix caching, cheap masks, threads, memory estimates) ----------------------------------
 
@@ -188,6 +198,8 @@ class TorchBackend:
         twin = _twin_info(model)
         if twin is None:
             return None, "not a sampling twin (call inside mc_mode)"
+        if isinstance(x, Batch):
+            return None, "the model takes structured inputs; prefix caching supports one input tensor"
         key = (tuple(x.shape[1:]), x.dtype)
         state = _torch_graph.attribute_state(model)
         with self._splits_lock:
@@ -247,7 +259,9 @@ class TorchBackend:
     def nbytes(self, t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
-    def repeat(self, x: torch.Tensor, n: int) -> torch.Tensor:
+    def repeat(self, x: torch.Tensor | Batch, n: int) -> torch.Tensor | Batch:
+        if isinstance(x, Batch):
+            return x.map(lambda t: _torch_graph.repeat_rows(t, n))
         return _torch_graph.repeat_rows(x, n)
 
     def to_numpy(self, t: torch.Tensor) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 from mcu.backends import resolve
 from mcu.backends.base import MODES, PRECISIONS
 from mcu.errors import DropoutSiteWarning, InputError
+from mcu.structured import OUTPUT_HELP
 from mcu.strategies import STRATEGIES, Plan
 from mcu.strategies.auto import prepare
 from mcu.strategies.base import SeedStream
@@ -76,6 +77,7 @@ class SamplingSession:
         max_memory: int | None = None,
         workers: int | None = None,
         n_samples_hint: int = 2,
+        output: Any = None,
     ) -> None:
         check_choice(strategy, "strategy", ["auto", *STRATEGIES])
         check_choice(precision, "precision", PRECISIONS)
@@ -84,6 +86,8 @@ class SamplingSession:
         check_int(seed, "seed", minimum=0, allow_none=True)
         check_int(max_memory, "max_memory", minimum=1, allow_none=True)
         check_int(workers, "workers", minimum=1, allow_none=True)
+        if not (output is None or callable(output) or (isinstance(output, (str, int)) and not isinstance(output, bool))):
+            raise InputError(f"output: expected {OUTPUT_HELP}, got {output!r}.")
         impl, choice = resolve(model, backend)
         impl.dropout_layers(model)  # NoDropoutError before any work
         model = impl.model_for_precision(model, precision)
@@ -92,7 +96,7 @@ class SamplingSession:
             raise InputError(f"x: expected a batch with at least one example (N >= 1), got shape {tuple(tensor.shape)}.")
         self.plan = Plan(backend=impl, model=model, x=tensor, chunk_size=chunk_size, max_memory=max_memory,
                          precision=precision, seeds=SeedStream(seed), workers=workers,
-                         seeded=seed is not None)
+                         seeded=seed is not None, output=output)
         self._requested, self._mode, self._hint = strategy, mode, n_samples_hint
         self.info = SampleInfo(impl.name, choice.reason, strategy, "", chunk_size, precision, mode)
         self._contexts = [impl.mc_mode(model, mode, tensor), impl.precision(model, precision),
@@ -160,6 +164,7 @@ def sample(
     mode: str = "dropout",
     max_memory: int | None = None,
     workers: int | None = None,
+    output: Any = None,
     return_info: bool = False,
 ) -> Any:
     """Run ``n_samples`` stochastic forward passes with only dropout active; return the raw outputs.
@@ -167,7 +172,9 @@ def sample(
     Args:
         model: a ``torch.nn.Module`` or a Keras 3 model/layer with at least one dropout layer.
         x: a batch, batch axis first: a numpy array or the framework's own tensor (any rank). numpy floating
-            arrays are converted to the model's parameter dtype (PyTorch) or left to Keras' autocasting.
+            arrays are converted to the model's parameter dtype (PyTorch) or left to Keras' autocasting. A dict
+            of them (``{"input_ids": ids, "attention_mask": mask}``) is passed by name (``model(**x)``), a tuple
+            in order (``model(*x)``); every input shares the batch axis (PyTorch; Keras: one array).
         n_samples: number of stochastic passes ``T`` (>= 1).
         strategy: ``"auto"``, ``"loop"``, ``"vectorized"``, ``"prefix"`` or ``"parallel"`` (see
             :mod:`mcu.strategies`); all are exact. ``"auto"`` probes the candidates once per model and input
@@ -182,6 +189,9 @@ def sample(
         mode: ``"dropout"`` (only dropout stochastic; BatchNorm uses running statistics) or ``"training"``
             (the whole model in training mode — the literal recipe; BatchNorm then normalises with batch
             statistics, so predictions depend on the batch. Statistics are restored afterwards).
+        output: what to sample when the model returns a structure (a Hugging Face ``ModelOutput``, a tuple, a
+            dict): a key or attribute name (``"logits"``), an integer index, or a callable taking the output.
+            Without it, a structured output raises an error listing what is available.
         return_info: also return a :class:`SampleInfo` saying which backend and strategy ran, and why.
 
     Returns:
@@ -197,6 +207,7 @@ def sample(
     session = SamplingSession(
         model, x, strategy=strategy, chunk_size=chunk_size, precision=precision, seed=seed,
         backend=backend, mode=mode, max_memory=max_memory, workers=workers, n_samples_hint=n_samples,
+        output=output,
     )
     with session:
         samples = session.draw(n_samples)

@@ -52,6 +52,13 @@ class Plan:
     copies: int | None = None  # copies of the batch per pass, when auto tuned it
     workers: int | None = None  # threads for the parallel strategy
     seeded: bool = False  # the caller gave a seed: auto must not let timing change the result
+    output: Any = None  # what to sample from a structured output (mcu.sample(output=...))
+
+    def select(self, out: Any) -> Any:
+        """The sampled tensor of one pass's raw output (``output=``; a backend without structured outputs
+        returns it as it is)."""
+        select = getattr(self.backend, "select_output", None)
+        return out if select is None else select(out, self.output)
 
     @property
     def n_rows(self) -> int:

@@ -26,5 +26,5 @@ class LoopStrategy:
         backend, model = plan.backend, plan.model
         slices = _rows(plan)
         for _ in range(n_samples):
-            parts = [backend.to_numpy(backend.forward(model, plan.x[s])) for s in slices]
+            parts = [backend.to_numpy(plan.select(backend.forward(model, plan.x[s]))) for s in slices]
             yield (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))[None]

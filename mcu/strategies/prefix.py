@@ -30,7 +30,7 @@ def run_block(plan: Plan, frontier: list[Any], sources: Any, tables: dict | None
     n, copies = plan.n_rows, len(sources)
     inputs = frontier if _repeats_itself(plan) else [f[: copies * n] for f in frontier]
     kwargs = {} if tables is None else {"tables": tables}
-    out = plan.backend.to_numpy(plan.split.suffix(inputs, sources, **kwargs))
+    out = plan.backend.to_numpy(plan.select(plan.split.suffix(inputs, sources, **kwargs)))
     return out.reshape((copies, n) + out.shape[1:])
 
 

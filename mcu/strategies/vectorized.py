@@ -42,5 +42,5 @@ class VectorizedStrategy:
         sizes = blocks(n_samples, copies)
         repeated = backend.repeat(plan.x, sizes[0])
         for t in sizes:
-            out = backend.to_numpy(backend.forward(plan.model, repeated[: t * n]))
+            out = backend.to_numpy(plan.select(backend.forward(plan.model, repeated[: t * n])))
             yield out.reshape((t, n) + out.shape[1:])
