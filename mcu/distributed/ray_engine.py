@@ -38,10 +38,11 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
-from mcu.active.acquisition import SCORES, bald, batch_bald, get_heuristic, uniform_scores
-from mcu.active.query import _check_k, _sorted_subset, derive_seed
-from mcu.core.predict import DEFAULT_BATCH, TASKS, _check_auto, _predict_batch
-from mcu.core.sampling import check_choice, check_int, sample
+from mcu.active.acquisition import SCORES, batch_bald, get_heuristic
+from mcu.active.query import check_k, derive_seed, score_chunk, sorted_subset
+from mcu.core.predict import DEFAULT_BATCH
+from mcu.core.sampling import check_choice, check_int
+from mcu.core.scoring import TASKS, check_stopping_rule, score_batch
 from mcu.distributed.loading import ModelSource, describe, load_model
 from mcu.distributed.results import prediction_from_table, read_prediction, to_table
 from mcu.distributed.sources import (
@@ -186,9 +187,11 @@ class _Worker:
         j = self.job
         tables = []
         for c, indices, x, ids in self._chunks(lo, hi):
-            values, _ = _predict_batch(self.model, x, j["n_samples"], j["task"], j["from_logits"],
-                                       chunk_seed(j["seed"], c), j["strategy"], j["tol"], j["max_samples"],
-                                       j["score"], j["noise_var"], j["heteroscedastic"], j["sample_options"])
+            values, _ = score_batch(self.model, x, n_samples=j["n_samples"], task=j["task"],
+                                    from_logits=j["from_logits"], seed=chunk_seed(j["seed"], c),
+                                    strategy=j["strategy"], tol=j["tol"], max_samples=j["max_samples"],
+                                    score=j["score"], noise_var=j["noise_var"],
+                                    heteroscedastic=j["heteroscedastic"], **j["sample_options"])
             if j["task"] == "classification":
                 values["label"] = np.argmax(values["mean_probabilities"], axis=-1)
             tables.append(to_table(indices, ids, values))
@@ -199,15 +202,11 @@ class _Worker:
         heuristic, keep = j["heuristic"], j["keep"]
         all_indices, all_scores, all_samples = [], [], []
         for c, indices, x, _ in self._chunks(lo, hi):
-            seed = chunk_seed(j["seed"], c)
-            if heuristic == "random":
-                scores = uniform_scores(len(indices), seed)
-            else:
-                samples = sample(self.model, x, j["n_samples"], seed=seed, strategy=j["strategy"],
-                                 **j["sample_options"])
-                scores = (SCORES[heuristic] if heuristic in SCORES else bald)(samples, from_logits=j["from_logits"])
-                if heuristic == "batchbald":
-                    all_samples.append(np.moveaxis(samples, 1, 0))  # (n, T, C): one row per example
+            scores, samples = score_chunk(self.model, x, heuristic=heuristic, n_samples=j["n_samples"],
+                                          seed=chunk_seed(j["seed"], c), from_logits=j["from_logits"],
+                                          strategy=j["strategy"], n_examples=len(indices), **j["sample_options"])
+            if heuristic == "batchbald":
+                all_samples.append(np.moveaxis(samples, 1, 0))  # (n, T, C): one row per example
             all_indices.append(indices)
             all_scores.append(np.asarray(scores, dtype=np.float64))
         indices, scores = np.concatenate(all_indices), np.concatenate(all_scores)
@@ -476,7 +475,7 @@ def predict(
         (100000,)
     """
     check_choice(task, "task", TASKS)
-    score = _check_auto(n_samples, tol, max_samples, score, task)
+    score = check_stopping_rule(n_samples, tol, max_samples, score, task)
     check_int(batch_size, "batch_size", minimum=1, allow_none=True)
     check_int(seed, "seed", minimum=0, allow_none=True)
     check_choice(strategy, "strategy", ["auto", *STRATEGIES])
@@ -573,7 +572,7 @@ def query(
     check_int(n_candidates, "n_candidates", minimum=1, allow_none=True)
     check_choice(strategy, "strategy", ["auto", *STRATEGIES])
     _check_cluster_args(num_workers, cpus_per_worker, gpus_per_worker, chunks_per_task, sample_options)
-    subset_array = _sorted_subset(subset)
+    subset_array = sorted_subset(subset)
     source = None if heuristic == "random" else ModelSource.resolve(model, factory)
     if preflight and source is not None:
         _preflight(source, sample_options.get("backend"))
@@ -585,7 +584,7 @@ def query(
             f"subset: expected pool indices in [0, {n}), got values from {subset_array[0]} to {subset_array[-1]}."
         )
     available = n if subset_array is None else len(subset_array)
-    _check_k(k, available)
+    check_k(k, available)
     pointwise = heuristic in SCORES
     keep = min(available, k if pointwise else max(k, n_candidates or max(4 * k, 256)))
     num_workers = _num_workers(num_workers, cpus_per_worker, gpus_per_worker)

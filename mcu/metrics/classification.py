@@ -44,12 +44,14 @@ __all__ = [
     "mutual_information",
     "predictive_entropy",
     "predictive_variance",
+    "probabilities_and_entropies",
     "variation_ratio",
 ]
 
 
 # --------------------------------------------------------------------------------------------------------
-# Private building blocks, shared with mcu.metrics.streaming and mcu.metrics.convergence.
+# Building blocks, shared with mcu.metrics.streaming and mcu.metrics.convergence (and, for the public
+# probabilities_and_entropies, with mcu.active.acquisition).
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -59,7 +61,7 @@ def _probabilities(samples: Any, from_logits: bool) -> np.ndarray:
     return np.exp(log_softmax(array, axis=-1)) if from_logits else array
 
 
-def _probabilities_and_entropies(
+def probabilities_and_entropies(
     samples: Any, from_logits: bool, argument: str = "samples"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validated probabilities ``(T, N, C)`` and per-sample entropies ``H(p_t)`` in nats ``(T, N)``.
@@ -73,6 +75,9 @@ def _probabilities_and_entropies(
     log_p = log_softmax(array, axis=-1)
     probs = np.exp(log_p)
     return probs, -np.sum(probs * log_p, axis=-1)
+
+
+_probabilities_and_entropies = probabilities_and_entropies  # the name the other metric modules use
 
 
 def _entropy_nats(probs: np.ndarray) -> np.ndarray:
@@ -216,7 +221,7 @@ def expected_entropy(samples: Any, *, from_logits: bool = False, base: float | N
         array([1.])
     """
     scale = log_base(base)  # validate before the work
-    _, entropies = _probabilities_and_entropies(samples, from_logits)
+    _, entropies = probabilities_and_entropies(samples, from_logits)
     return entropies.mean(axis=0) / scale
 
 
@@ -249,7 +254,7 @@ def mutual_information(samples: Any, *, from_logits: bool = False, base: float |
         array([1.])
     """
     scale = log_base(base)
-    probs, entropies = _probabilities_and_entropies(samples, from_logits)
+    probs, entropies = probabilities_and_entropies(samples, from_logits)
     total = _entropy_nats(probs.mean(axis=0))
     return np.maximum(total - entropies.mean(axis=0), 0.0) / scale
 
@@ -393,7 +398,7 @@ def classification_summary(samples: Any, *, from_logits: bool = False, base: flo
         (array([1.]), array([0.]), 2)
     """
     log_base(base)  # validate before the work
-    probs, entropies = _probabilities_and_entropies(samples, from_logits)
+    probs, entropies = probabilities_and_entropies(samples, from_logits)
     mean_probs = probs.mean(axis=0)
     sum_sq_dev = np.sum((probs - mean_probs) ** 2, axis=0)
     return _summary(mean_probs, sum_sq_dev, entropies.mean(axis=0), _argmax_counts(probs), probs.shape[0], base)
