@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from mcu._seeds import derive_seed
 from mcu.active._pool import iter_chunks, pool_length
 from mcu.active.acquisition import SCORES, bald, batch_bald, get_heuristic, uniform_scores
 from mcu.core.engines import engine_function
@@ -39,7 +40,7 @@ def query(
     The pool is read in chunks of ``batch_size`` examples; each chunk is sampled with
     :func:`mcu.sample` (``n_samples`` passes), scored, and merged into a running top list, so memory is
     bounded by one chunk of samples ``(n_samples, batch_size, C)`` plus the kept examples, whatever the
-    pool size. Chunk ``i`` is sampled with the seed ``SeedSequence(seed, spawn_key=(i,))``: the same
+    pool size. Chunk ``i`` is sampled with the seed :func:`mcu._seeds.derive_seed` ``(seed, i)``: the same
     ``seed`` and ``batch_size`` give the same answer, and no two chunks share dropout masks.
 
     ``heuristic="random"`` does not run the model. ``heuristic="batchbald"`` needs the samples of the
@@ -187,11 +188,3 @@ def check_k(k: int, available: int | None) -> None:
     """Raise :class:`~mcu.errors.InputError` when ``k`` exceeds the ``available`` examples (if known)."""
     if available is not None and k > available:
         raise InputError(f"k: expected at most the {available} examples in the pool (or subset), got {k}.")
-
-
-def derive_seed(seed: int | None, key: int) -> int | None:
-    """A seed for item ``key`` (a chunk, a round) derived from ``seed`` alone: independent streams per key."""
-    if seed is None:
-        return None
-    return int(np.random.SeedSequence(seed, spawn_key=(key,)).generate_state(1)[0])
-

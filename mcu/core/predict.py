@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from mcu._seeds import derive_seeds
 from mcu.core.engines import engine_function
 from mcu.core.progress import progress_bar
 from mcu.core.sampling import SamplingSession, check_choice, check_int
@@ -23,6 +24,8 @@ __all__ = ["DEFAULT_BATCH", "Prediction", "predict"]
 
 #: examples per batch when the caller gives none
 DEFAULT_BATCH = 1024
+#: the seed of each example batch (the old name of :func:`mcu._seeds.derive_seeds`)
+batch_seeds = derive_seeds
 
 
 class Prediction:
@@ -95,13 +98,6 @@ class Prediction:
         return f"Prediction(task={self.task!r}, N={len(self)}, T={t}, fields=[{fields}])"
 
 
-def batch_seeds(seed: int | None, n_batches: int) -> list[int | None]:
-    """The seed of each example batch, derived from the call's ``seed`` (``None`` stays unseeded)."""
-    if seed is None:
-        return [None] * n_batches
-    return [int(s.generate_state(1, np.uint32)[0]) for s in np.random.SeedSequence(seed).spawn(n_batches)]
-
-
 def predict(
     model: Any,
     x: Any,
@@ -163,7 +159,7 @@ def predict(
         raise InputError("x: expected a batch with at least one example (N >= 1), got N = 0.")
     batch = batch_size or min(n, DEFAULT_BATCH)
     starts = range(0, n, batch)
-    seeds = batch_seeds(seed, len(starts))
+    seeds = derive_seeds(seed, len(starts))
     parts: list[dict[str, np.ndarray]] = []
     choice: tuple[str, dict] | None = None
     with progress_bar(progress, total=n, desc="mcu.predict", unit="ex") as bar:

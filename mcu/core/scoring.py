@@ -3,8 +3,8 @@
 :func:`score_batch` samples one batch of examples and folds the samples into the streaming accumulators of
 :mod:`mcu.metrics.streaming` (chunk by chunk: the ``(T, N, C)`` array never exists). :func:`mcu.predict` calls
 it once per batch in this process, :mod:`mcu.distributed` once per batch on each Ray actor; both derive the
-batch's seed from the call's seed and the batch index alike, so the engines agree number for number. Nothing
-in this module (or below it) imports an engine.
+batch's seed with :func:`mcu._seeds.derive_seed` (the call's seed, the batch index), so the engines agree
+number for number. Nothing in this module (or below it) imports an engine.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from mcu.active.acquisition import SCORES, batch_bald, get_heuristic
-from mcu.active.query import check_k, derive_seed, score_chunk, sorted_subset
+from mcu._seeds import derive_seed
+from mcu.active.query import check_k, score_chunk, sorted_subset
 from mcu.core.predict import DEFAULT_BATCH
 from mcu.core.sampling import check_choice, check_int
 from mcu.core.scoring import TASKS, check_stopping_rule, score_batch
@@ -66,19 +67,10 @@ _SAMPLE_OPTIONS = ("chunk_size", "precision", "backend", "mode", "max_memory", "
 _TASK_ROWS = 65536
 
 
-def chunk_seed(seed: int | None, chunk: int) -> int | None:
-    """The seed of global batch ``chunk``: ``batch_seeds(seed, n)[chunk]`` of :mod:`mcu.core.predict`.
-
-    ``SeedSequence(seed).spawn(n)[c]`` is ``SeedSequence(seed, spawn_key=(c,))``, which is also what
-    :func:`mcu.active.query.derive_seed` uses, so one formula serves ``predict`` and ``query`` and any worker
-    computes the seed of its batch from ``seed`` and ``chunk`` alone.
-
-    Example:
-        >>> from mcu.core.predict import batch_seeds
-        >>> chunk_seed(7, 3) == batch_seeds(7, 5)[3]
-        True
-    """
-    return derive_seed(seed, chunk)
+#: the seed of global batch ``chunk`` (the old name of :func:`mcu._seeds.derive_seed`): the seed
+#: :func:`mcu.predict` gives its batch ``chunk`` and :func:`mcu.active.query` its chunk ``chunk``, computed by any
+#: worker from ``seed`` and ``chunk`` alone
+chunk_seed = derive_seed
 
 
 @dataclass
@@ -188,7 +180,7 @@ class _Worker:
         tables = []
         for c, indices, x, ids in self._chunks(lo, hi):
             values, _ = score_batch(self.model, x, n_samples=j["n_samples"], task=j["task"],
-                                    from_logits=j["from_logits"], seed=chunk_seed(j["seed"], c),
+                                    from_logits=j["from_logits"], seed=derive_seed(j["seed"], c),
                                     strategy=j["strategy"], tol=j["tol"], max_samples=j["max_samples"],
                                     score=j["score"], noise_var=j["noise_var"],
                                     heteroscedastic=j["heteroscedastic"], **j["sample_options"])
@@ -203,7 +195,7 @@ class _Worker:
         all_indices, all_scores, all_samples = [], [], []
         for c, indices, x, _ in self._chunks(lo, hi):
             scores, samples = score_chunk(self.model, x, heuristic=heuristic, n_samples=j["n_samples"],
-                                          seed=chunk_seed(j["seed"], c), from_logits=j["from_logits"],
+                                          seed=derive_seed(j["seed"], c), from_logits=j["from_logits"],
                                           strategy=j["strategy"], n_examples=len(indices), **j["sample_options"])
             if heuristic == "batchbald":
                 all_samples.append(np.moveaxis(samples, 1, 0))  # (n, T, C): one row per example
