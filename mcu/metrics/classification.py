@@ -1,9 +1,11 @@
 """Uncertainty of a classifier from Monte Carlo samples of its outputs.
 
 All functions take ``samples`` of shape ``(T, N, C)``: T stochastic forward passes (samples axis first),
-N examples, C classes. ``from_logits`` is explicit: with ``from_logits=False`` the samples must be
-probabilities (finite, in [0, 1], each row summing to 1 within the tolerance of
-:func:`mcu.metrics._validation.prob_sum_atol`); they are checked and never renormalised. With
+N examples, C classes. ``from_logits`` defaults to ``False`` (samples you pass: logits passed by mistake
+fail the checks loudly; the functions that run a model, such as :func:`mcu.predict`, default to ``True``; see
+``docs/architecture.md``). With ``from_logits=False`` the samples must be probabilities (finite, in [0, 1],
+each row summing to 1 within the tolerance of :func:`mcu.metrics._validation.prob_sum_atol`); they are
+checked and never renormalised. With
 ``from_logits=True`` a numerically stable log-softmax is applied first, so logits of any finite magnitude
 (1e4 and beyond) work.
 
