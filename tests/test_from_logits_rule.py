@@ -13,6 +13,7 @@ import pytest
 
 from mcu import metrics
 from mcu.active import acquisition
+from tests.conftest import require_module
 
 EMPTY = inspect.Parameter.empty
 
@@ -35,7 +36,7 @@ def test_functions_that_run_the_model_default_to_logits(module, name):
 
 
 def test_ray_engine_defaults_like_the_local_one():
-    pytest.importorskip("ray")
+    require_module("ray")
     from mcu.distributed import ray_engine
 
     assert _default(ray_engine.predict) is True and _default(ray_engine.query) is True

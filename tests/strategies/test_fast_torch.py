@@ -7,7 +7,9 @@ import pytest
 
 import mcu
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_module
+
+torch = require_module("torch")
 from torch import nn  # noqa: E402
 
 from mcu.backends import (
