@@ -38,7 +38,7 @@ from scipy.stats import ks_2samp, wasserstein_distance
 
 from mcu.core.sampling import check_int
 from mcu.errors import InputError
-from mcu.metrics.calibration import _scores_1d
+from mcu.metrics.calibration import validate_scores
 
 __all__ = ["DriftCheck", "DriftMonitor"]
 
@@ -83,7 +83,7 @@ class DriftMonitor:
                  min_effect_size: float = 0.0) -> None:
         check_int(window, "window", minimum=1)
         check_int(step, "step", minimum=1, allow_none=True)
-        self.reference = _scores_1d(reference_scores, "reference_scores")
+        self.reference = validate_scores(reference_scores, "reference_scores")
         self.window, self.step = int(window), int(window if step is None else step)
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
             raise InputError(f"alpha: expected a per-window false-alarm rate strictly between 0 and 1, got {alpha!r}.")
@@ -115,7 +115,7 @@ class DriftMonitor:
         Returns:
             The alarms raised by this update (every test is also recorded in :attr:`checks`).
         """
-        new = _scores_1d(scores, "scores") if np.size(scores) else np.empty(0)
+        new = validate_scores(scores, "scores") if np.size(scores) else np.empty(0)
         stream = np.concatenate([self._recent, new])
         offset = self._seen - len(self._recent)  # stream position of stream[0]
         self._seen += len(new)
@@ -132,7 +132,7 @@ class DriftMonitor:
     def check(self, scores: Any) -> DriftCheck:
         """Test one batch of scores against the reference, outside the stream: not recorded, positions
         ``start``/``stop`` are within the batch."""
-        return self._test(_scores_1d(scores, "scores"), start=0)
+        return self._test(validate_scores(scores, "scores"), start=0)
 
     def _test(self, window: np.ndarray, start: int) -> DriftCheck:
         result = ks_2samp(self.reference, window)

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mcu.errors import InputError
-from mcu.metrics.calibration import _scores_1d, _uncertainty_and_correct, aurc, risk_coverage_curve
+from mcu.metrics.calibration import aurc, risk_coverage_curve, validate_scores, validate_uncertainty_and_correct
 
 __all__ = ["DEFAULT_TIERS", "TierStats", "Triage", "TriageReport", "fit_thresholds"]
 
@@ -79,7 +79,7 @@ class Triage:
             >>> Triage((0.1, 0.3)).assign([0.1, 0.3, 0.31]).tolist()
             [0, 1, 2]
         """
-        u = _scores_1d(uncertainty, "uncertainty")
+        u = validate_scores(uncertainty, "uncertainty")
         return np.searchsorted(np.asarray(self.thresholds), u, side="left").astype(np.int64)
 
     def route(self, uncertainty: Any) -> np.ndarray:
@@ -98,7 +98,7 @@ class Triage:
             >>> [(t.name, t.count, t.accuracy) for t in r.tiers]
             [('auto', 2, 1.0), ('review', 2, 0.5)]
         """
-        u, ok = _uncertainty_and_correct(uncertainty, correct)
+        u, ok = validate_uncertainty_and_correct(uncertainty, correct)
         position = self.assign(u)
         bounds = (-math.inf, *self.thresholds, math.inf)
         rows, accepted, errors = [], 0, 0.0
@@ -194,7 +194,7 @@ def fit_thresholds(
         >>> fit_thresholds(u, ok, target_review_rate=0.2, target_auto_accuracy=1.0).thresholds
         (0.6, 0.8)
     """
-    u, ok = _uncertainty_and_correct(uncertainty, correct)
+    u, ok = validate_uncertainty_and_correct(uncertainty, correct)
     tiers = tuple(tiers)
     given = {name: _rate(value, name) for name, value in
              (("target_review_rate", target_review_rate), ("target_auto_accuracy", target_auto_accuracy))

@@ -1,13 +1,17 @@
 """Shared fixtures. ``backend`` runs a test once per framework.
 
 Locally a missing framework skips its half; set ``MCU_REQUIRE_BACKENDS=torch,tensorflow`` (CI does) to turn
-such a skip into a failure, so a broken install can never pass as green.
+such a skip into a failure, so a broken install can never pass as green. Framework-specific test modules
+import their framework with :func:`require_module` (not ``pytest.importorskip``) for the same guarantee;
+``MCU_REQUIRE_RAY=1`` does the same for Ray.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,11 +22,39 @@ BACKENDS = ("torch", "tensorflow")
 _MODULE = {"torch": "torch", "tensorflow": "tensorflow"}
 
 
+#: module -> the backend it belongs to (a module whose backend is in MCU_REQUIRE_BACKENDS must import)
+_BACKEND_OF = {"torch": "torch", "tensorflow": "tensorflow", "keras": "tensorflow"}
+#: modules that MCU_REQUIRE_RAY=1 makes mandatory
+_RAY_MODULES = ("ray", "pyarrow")
+
+
+def _required_backends() -> list[str]:
+    return [b.strip() for b in os.environ.get("MCU_REQUIRE_BACKENDS", "").split(",") if b.strip()]
+
+
+def require_module(name: str) -> Any:
+    """Import and return module ``name``; if it cannot be imported, skip (locally) or fail (when required).
+
+    Required means: ``name``'s backend is listed in ``MCU_REQUIRE_BACKENDS`` (torch; tensorflow and keras for
+    ``tensorflow``), or ``name`` is ray/pyarrow and ``MCU_REQUIRE_RAY=1``. Usable at module level (it then
+    skips or fails the whole module) and inside a test.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        backend = _BACKEND_OF.get(name)
+        if backend is not None and backend in _required_backends():
+            pytest.fail(f"{name} is required (MCU_REQUIRE_BACKENDS includes {backend!r}) but cannot be imported: "
+                        f"{exc}", pytrace=False)
+        if name in _RAY_MODULES and os.environ.get("MCU_REQUIRE_RAY") == "1":
+            pytest.fail(f"{name} is required (MCU_REQUIRE_RAY=1) but cannot be imported: {exc}", pytrace=False)
+        pytest.skip(f"{name} is not installed ({exc})", allow_module_level=True)
+
+
 def require_backend(name: str) -> None:
     """Skip (locally) or fail (when required) if ``name``'s framework is not importable."""
     if importlib.util.find_spec(_MODULE[name]) is None:
-        required = [b.strip() for b in os.environ.get("MCU_REQUIRE_BACKENDS", "").split(",") if b.strip()]
-        if name in required:
+        if name in _required_backends():
             pytest.fail(f"backend {name!r} is required (MCU_REQUIRE_BACKENDS) but its framework is not installed")
         pytest.skip(f"{name} is not installed")
 

@@ -1,4 +1,4 @@
-"""``mcu demo`` (issue 7): the steps on both backends, the report files, the command line, framework laziness."""
+"""``mcu demo``: the steps on both backends, the report files, the command line, framework laziness."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The examples run, and their claims hold (issue 6): on digits, BALD and entropy sampling beat random, the
+"""The examples run, and their claims hold: on digits, BALD and entropy sampling beat random, the
 mutual information separates unseen classes, the drift monitor alarms after a shift and rarely before; the
 diabetes intervals are recalibrated to 95%.
 

@@ -26,7 +26,7 @@ from scipy.special import entr, softmax
 
 from mcu.errors import InputError
 from mcu.metrics import classification as metrics
-from mcu.metrics.classification import _probabilities_and_entropies
+from mcu.metrics.classification import probabilities_and_entropies
 
 __all__ = [
     "HEURISTICS",
@@ -197,7 +197,7 @@ def batch_bald(
         >>> batch_bald(samples, 2, from_logits=False)[0].tolist()          # top-2 BALD would pick 0 and 1
         [0, 2]
     """
-    probs, entropies = _probabilities_and_entropies(samples, from_logits)  # validated, float64
+    probs, entropies = probabilities_and_entropies(samples, from_logits)  # validated, float64
     expected = entropies.mean(axis=0)  # E_w H[y_x | w], (N,)
     n = probs.shape[1]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:

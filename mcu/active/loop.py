@@ -36,9 +36,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from mcu._seeds import derive_seed
 from mcu.active._pool import iter_chunks, pool_length, take
 from mcu.active.acquisition import get_heuristic
-from mcu.active.query import derive_seed, query
+from mcu.active.query import query
 from mcu.core.sampling import check_int
 from mcu.errors import InputError
 

@@ -6,13 +6,15 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from mcu._seeds import derive_seed
 from mcu.active._pool import iter_chunks, pool_length
 from mcu.active.acquisition import SCORES, bald, batch_bald, get_heuristic, uniform_scores
+from mcu.core.engines import engine_function
 from mcu.core.progress import progress_bar
-from mcu.core.sampling import check_choice, check_int, sample
+from mcu.core.sampling import check_int, sample
 from mcu.errors import InputError
 
-__all__ = ["query"]
+__all__ = ["check_k", "derive_seed", "query", "score_chunk", "sorted_subset"]
 
 
 def query(
@@ -38,7 +40,7 @@ def query(
     The pool is read in chunks of ``batch_size`` examples; each chunk is sampled with
     :func:`mcu.sample` (``n_samples`` passes), scored, and merged into a running top list, so memory is
     bounded by one chunk of samples ``(n_samples, batch_size, C)`` plus the kept examples, whatever the
-    pool size. Chunk ``i`` is sampled with the seed ``SeedSequence(seed, spawn_key=(i,))``: the same
+    pool size. Chunk ``i`` is sampled with the seed :func:`mcu._seeds.derive_seed` ``(seed, i)``: the same
     ``seed`` and ``batch_size`` give the same answer, and no two chunks share dropout masks.
 
     ``heuristic="random"`` does not run the model. ``heuristic="batchbald"`` needs the samples of the
@@ -75,11 +77,9 @@ def query(
         >>> bool((np.diff(scores) <= 0).all())                                         # doctest: +SKIP
         True
     """
-    check_choice(engine, "engine", ("local", "ray"))
-    if engine == "ray":
-        from mcu.distributed import query as ray_query
-
-        return ray_query(model, pool, k, heuristic=heuristic, n_samples=n_samples, batch_size=batch_size, seed=seed,
+    remote = engine_function(engine, "query")
+    if remote is not None:
+        return remote(model, pool, k, heuristic=heuristic, n_samples=n_samples, batch_size=batch_size, seed=seed,
                          progress=progress, backend=backend, from_logits=from_logits, subset=subset,
                          n_candidates=n_candidates, strategy=strategy, **engine_options)
     if engine_options:
@@ -90,24 +90,21 @@ def query(
     check_int(batch_size, "batch_size", minimum=1)
     check_int(seed, "seed", minimum=0, allow_none=True)
     check_int(n_candidates, "n_candidates", minimum=1, allow_none=True)
-    subset_array = _sorted_subset(subset)
+    subset_array = sorted_subset(subset)
     available = pool_length(pool) if subset_array is None else len(subset_array)
-    _check_k(k, available)
+    check_k(k, available)
     pointwise = heuristic in SCORES
     keep = k if pointwise else max(k, n_candidates or max(4 * k, 256))
     best = _RunningTop(keep, keep_samples=not pointwise)
     n_chunks = None if available is None else -(-available // batch_size)
     with progress_bar(progress, total=n_chunks, desc="mcu.active.query", unit="chunk") as bar:
         for i, (indices, x) in enumerate(iter_chunks(pool, batch_size, subset_array)):
-            chunk_seed = derive_seed(seed, i)
-            if heuristic == "random":  # no model needed
-                best.push(indices, uniform_scores(len(indices), chunk_seed))
-            else:
-                samples = sample(model, x, n_samples, seed=chunk_seed, backend=backend, strategy=strategy)
-                score = SCORES[heuristic] if pointwise else bald
-                best.push(indices, score(samples, from_logits=from_logits), samples)
+            scores, samples = score_chunk(model, x, heuristic=heuristic, n_samples=n_samples,
+                                          seed=derive_seed(seed, i), from_logits=from_logits, strategy=strategy,
+                                          n_examples=len(indices), backend=backend)
+            best.push(indices, scores, samples)
             bar.update()
-    _check_k(k, best.seen)
+    check_k(k, best.seen)
     if pointwise:
         return best.indices, best.scores
     local, gains = batch_bald(best.samples, k, from_logits=from_logits, seed=seed)
@@ -136,7 +133,44 @@ class _RunningTop:
             self.samples = both[:, order]
 
 
-def _sorted_subset(subset: Iterable[int] | None) -> np.ndarray | None:
+def score_chunk(
+    model: Any,
+    x: Any,
+    *,
+    heuristic: str,
+    n_samples: int,
+    seed: int | None = None,
+    from_logits: bool = True,
+    strategy: str = "auto",
+    n_examples: int | None = None,
+    **sample_options: Any,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Acquisition scores of one chunk of the pool: the unit of work of :func:`query` on every engine.
+
+    Args:
+        model: the classifier (not used by ``heuristic="random"``).
+        x: the chunk's inputs, batch axis first (may be ``None`` for ``"random"`` when ``n_examples`` is given).
+        heuristic: a name in :data:`mcu.active.acquisition.HEURISTICS`; ``"batchbald"`` scores by BALD (the
+            batch is chosen later, among the best candidates, from their samples).
+        n_samples: MC-dropout passes per example.
+        seed: the chunk's seed (:func:`derive_seed` of the query's seed and the chunk index).
+        from_logits: whether the model outputs logits (``True``) or probabilities (``False``).
+        strategy, **sample_options: forwarded to :func:`mcu.sample` (``backend``, ``chunk_size``, ...).
+        n_examples: the number of examples (default: the length of ``x``); only ``"random"`` needs it.
+
+    Returns:
+        ``(scores, samples)``: ``(n,)`` scores (higher = query first) and the ``(n_samples, n, C)`` samples
+        they came from (``None`` for ``"random"``, which draws none).
+    """
+    if heuristic == "random":  # no model needed
+        return uniform_scores(len(x) if n_examples is None else n_examples, seed), None
+    samples = sample(model, x, n_samples, seed=seed, strategy=strategy, **sample_options)
+    score = SCORES[heuristic] if heuristic in SCORES else bald
+    return score(samples, from_logits=from_logits), samples
+
+
+def sorted_subset(subset: Iterable[int] | None) -> np.ndarray | None:
+    """``subset`` as sorted unique int64 pool indices (``None`` stays ``None``); rejects duplicates."""
     if subset is None:
         return None
     array = np.asarray(list(subset) if not isinstance(subset, np.ndarray) else subset)
@@ -150,14 +184,7 @@ def _sorted_subset(subset: Iterable[int] | None) -> np.ndarray | None:
     return unique
 
 
-def _check_k(k: int, available: int | None) -> None:
+def check_k(k: int, available: int | None) -> None:
+    """Raise :class:`~mcu.errors.InputError` when ``k`` exceeds the ``available`` examples (if known)."""
     if available is not None and k > available:
         raise InputError(f"k: expected at most the {available} examples in the pool (or subset), got {k}.")
-
-
-def derive_seed(seed: int | None, key: int) -> int | None:
-    """A seed for item ``key`` (a chunk, a round) derived from ``seed`` alone: independent streams per key."""
-    if seed is None:
-        return None
-    return int(np.random.SeedSequence(seed, spawn_key=(key,)).generate_state(1)[0])
-

@@ -1,7 +1,8 @@
 """``mcu.predict``: MC-dropout predictions summarised on the fly, memory O(N·C) whatever T is.
 
-Samples are drawn chunk by chunk (examples in batches of ``batch_size``, samples in chunks) and folded into
-the streaming accumulators of :mod:`mcu.metrics.streaming`; the ``(T, N, C)`` array never exists.
+Examples are scored in batches of ``batch_size`` by :func:`mcu.core.scoring.score_batch` (samples drawn in
+chunks and folded into the streaming accumulators of :mod:`mcu.metrics.streaming`; the ``(T, N, C)`` array
+never exists).
 """
 
 from __future__ import annotations
@@ -12,20 +13,19 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from mcu._seeds import derive_seeds
+from mcu.core.engines import engine_function
 from mcu.core.progress import progress_bar
 from mcu.core.sampling import SamplingSession, check_choice, check_int
+from mcu.core.scoring import TASKS, check_stopping_rule, n_rows, score_batch
 from mcu.errors import InputError
-from mcu.metrics.streaming import ClassificationAccumulator, RegressionAccumulator
 
-__all__ = ["Prediction", "predict"]
+__all__ = ["DEFAULT_BATCH", "Prediction", "predict"]
 
-TASKS = ("classification", "regression")
-#: bytes of raw outputs per chunk of samples (the accumulators make ~6 float64 temporaries of a chunk)
-CHUNK_BYTES = 1 << 20
 #: examples per batch when the caller gives none
 DEFAULT_BATCH = 1024
-_SCORES = {"classification": ("mutual_information", "predictive_entropy", "expected_entropy"),
-           "regression": ("predictive_mean",)}
+#: the seed of each example batch (the old name of :func:`mcu._seeds.derive_seeds`)
+batch_seeds = derive_seeds
 
 
 class Prediction:
@@ -98,40 +98,6 @@ class Prediction:
         return f"Prediction(task={self.task!r}, N={len(self)}, T={t}, fields=[{fields}])"
 
 
-def _accumulator(task: str, from_logits: bool, noise_var: Any, heteroscedastic: bool) -> Any:
-    if task == "classification":
-        return ClassificationAccumulator(from_logits)
-    return RegressionAccumulator(heteroscedastic=heteroscedastic, noise_var=noise_var)
-
-
-def _check_auto(n_samples: Any, tol: Any, max_samples: Any, score: str | None, task: str) -> str:
-    if n_samples == "auto":
-        if not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not tol > 0:
-            raise InputError(f"tol: expected a positive number with n_samples='auto', got {tol!r}.")
-        check_int(max_samples, "max_samples", minimum=2)
-    else:
-        check_int(n_samples, "n_samples", minimum=1)
-        if tol is not None:
-            raise InputError(f"tol: only used with n_samples='auto', got tol={tol!r} with n_samples={n_samples!r}.")
-    score = score or _SCORES[task][0]
-    check_choice(score, "score", _SCORES[task])
-    return score
-
-
-def batch_seeds(seed: int | None, n_batches: int) -> list[int | None]:
-    """The seed of each example batch, derived from the call's ``seed`` (``None`` stays unseeded)."""
-    if seed is None:
-        return [None] * n_batches
-    return [int(s.generate_state(1, np.uint32)[0]) for s in np.random.SeedSequence(seed).spawn(n_batches)]
-
-
-def _n_rows(x: Any) -> int:
-    shape = getattr(x, "shape", None)
-    if shape is None or len(shape) == 0:
-        raise InputError(f"x: expected an array or tensor with a batch axis, got {type(x).__qualname__}.")
-    return int(shape[0])
-
-
 def predict(
     model: Any,
     x: Any,
@@ -180,36 +146,35 @@ def predict(
         x: ``(N, ...)`` -> per-example metrics ``(N,)`` or ``(N, C)``; peak extra memory ~ one chunk of
         ``(t, batch_size, C)`` outputs plus O(N·C) results.
     """
-    check_choice(engine, "engine", ("local", "ray"))
-    if engine == "ray":
-        from mcu.distributed import predict as ray_predict
-
-        return ray_predict(model, x, n_samples, task=task, from_logits=from_logits, seed=seed, strategy=strategy,
+    remote = engine_function(engine, "predict")
+    if remote is not None:
+        return remote(model, x, n_samples, task=task, from_logits=from_logits, seed=seed, strategy=strategy,
                            batch_size=batch_size, tol=tol, max_samples=max_samples, score=score, noise_var=noise_var,
                            heteroscedastic=heteroscedastic, progress=progress, **sample_options)
     check_choice(task, "task", TASKS)
-    score = _check_auto(n_samples, tol, max_samples, score, task)
-    n = _n_rows(x)
+    score = check_stopping_rule(n_samples, tol, max_samples, score, task)
+    n = n_rows(x)
     check_int(batch_size, "batch_size", minimum=1, allow_none=True)
     if n == 0:
         raise InputError("x: expected a batch with at least one example (N >= 1), got N = 0.")
     batch = batch_size or min(n, DEFAULT_BATCH)
     starts = range(0, n, batch)
-    seeds = batch_seeds(seed, len(starts))
+    seeds = derive_seeds(seed, len(starts))
     parts: list[dict[str, np.ndarray]] = []
     choice: tuple[str, dict] | None = None
     with progress_bar(progress, total=n, desc="mcu.predict", unit="ex") as bar:
         for start, batch_seed in zip(starts, seeds):
             xb = x[start : start + batch]
             batch_strategy, options = strategy, sample_options
-            if choice is not None and _n_rows(xb) != batch:
+            if choice is not None and n_rows(xb) != batch:
                 batch_strategy, options = choice  # a last, smaller batch: no second probe for its shape
-            part, session = _predict_batch(model, xb, n_samples, task, from_logits, batch_seed, batch_strategy,
-                                           tol, max_samples, score, noise_var, heteroscedastic, options)
+            part, session = score_batch(model, xb, n_samples=n_samples, task=task, from_logits=from_logits,
+                                        seed=batch_seed, strategy=batch_strategy, tol=tol, max_samples=max_samples,
+                                        score=score, noise_var=noise_var, heteroscedastic=heteroscedastic, **options)
             parts.append(part)
             if choice is None:
                 choice = _reuse(strategy, session, sample_options)
-            bar.update(_n_rows(xb))
+            bar.update(n_rows(xb))
     return Prediction(task, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
@@ -221,27 +186,3 @@ def _reuse(strategy: str, session: SamplingSession, sample_options: dict) -> tup
     if strategy != "auto" or "chunk_size" in sample_options or copies is None:
         return strategy, sample_options
     return session.info.strategy, {**sample_options, "chunk_size": copies * session.plan.n_rows}
-
-
-def _predict_batch(model, xb, n_samples, task, from_logits, seed, strategy, tol, max_samples, score,
-                   noise_var, heteroscedastic, sample_options) -> tuple[dict[str, np.ndarray], SamplingSession]:
-    acc = _accumulator(task, from_logits, noise_var, heteroscedastic)
-    target = max_samples if n_samples == "auto" else n_samples
-    first = min(target, 10)
-    session = SamplingSession(model, xb, strategy=strategy, seed=seed, n_samples_hint=target, **sample_options)
-    with session:
-        chunk = session.draw(first)
-        acc.update(chunk)
-        per_sample = max(1, chunk[0].nbytes)
-        while acc.n_samples < target:
-            if n_samples == "auto" and np.nanmax(acc.standard_error(score)) < tol:
-                break
-            step = int(min(target - acc.n_samples, max(1, CHUNK_BYTES // per_sample)))
-            if n_samples == "auto":
-                step = min(step, max(10, acc.n_samples))  # re-check the error at least every doubling
-            acc.update(session.draw(step))
-    result = acc.result()
-    result["n_samples"] = np.full(_n_rows(xb), acc.n_samples, dtype=np.int64)
-    if n_samples == "auto" or task == "classification":
-        result["standard_error"] = acc.standard_error(score)
-    return result, session

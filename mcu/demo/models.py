@@ -50,7 +50,7 @@ def single_thread(backend: str) -> Iterator[None]:
     """Run PyTorch with one intra-op thread inside the block (restored after); a no-op for TensorFlow.
 
     These networks are tiny: one thread runs their small matrix products faster than two, and on a busy
-    machine two spinning OpenMP threads were measured 10-50x slower (training 0.2 s vs 12 s).
+    machine spinning OpenMP threads waiting for each other slow them down by an order of magnitude.
     """
     if backend != "torch":
         yield

@@ -38,10 +38,12 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
-from mcu.active.acquisition import SCORES, bald, batch_bald, get_heuristic, uniform_scores
-from mcu.active.query import _check_k, _sorted_subset, derive_seed
-from mcu.core.predict import DEFAULT_BATCH, TASKS, _check_auto, _predict_batch
-from mcu.core.sampling import check_choice, check_int, sample
+from mcu.active.acquisition import SCORES, batch_bald, get_heuristic
+from mcu._seeds import derive_seed
+from mcu.active.query import check_k, score_chunk, sorted_subset
+from mcu.core.predict import DEFAULT_BATCH
+from mcu.core.sampling import check_choice, check_int
+from mcu.core.scoring import TASKS, check_stopping_rule, score_batch
 from mcu.distributed.loading import ModelSource, describe, load_model
 from mcu.distributed.results import prediction_from_table, read_prediction, to_table
 from mcu.distributed.sources import (
@@ -65,19 +67,10 @@ _SAMPLE_OPTIONS = ("chunk_size", "precision", "backend", "mode", "max_memory", "
 _TASK_ROWS = 65536
 
 
-def chunk_seed(seed: int | None, chunk: int) -> int | None:
-    """The seed of global batch ``chunk``: ``batch_seeds(seed, n)[chunk]`` of :mod:`mcu.core.predict`.
-
-    ``SeedSequence(seed).spawn(n)[c]`` is ``SeedSequence(seed, spawn_key=(c,))``, which is also what
-    :func:`mcu.active.query.derive_seed` uses, so one formula serves ``predict`` and ``query`` and any worker
-    computes the seed of its batch from ``seed`` and ``chunk`` alone.
-
-    Example:
-        >>> from mcu.core.predict import batch_seeds
-        >>> chunk_seed(7, 3) == batch_seeds(7, 5)[3]
-        True
-    """
-    return derive_seed(seed, chunk)
+#: the seed of global batch ``chunk`` (the old name of :func:`mcu._seeds.derive_seed`): the seed
+#: :func:`mcu.predict` gives its batch ``chunk`` and :func:`mcu.active.query` its chunk ``chunk``, computed by any
+#: worker from ``seed`` and ``chunk`` alone
+chunk_seed = derive_seed
 
 
 @dataclass
@@ -186,9 +179,11 @@ class _Worker:
         j = self.job
         tables = []
         for c, indices, x, ids in self._chunks(lo, hi):
-            values, _ = _predict_batch(self.model, x, j["n_samples"], j["task"], j["from_logits"],
-                                       chunk_seed(j["seed"], c), j["strategy"], j["tol"], j["max_samples"],
-                                       j["score"], j["noise_var"], j["heteroscedastic"], j["sample_options"])
+            values, _ = score_batch(self.model, x, n_samples=j["n_samples"], task=j["task"],
+                                    from_logits=j["from_logits"], seed=derive_seed(j["seed"], c),
+                                    strategy=j["strategy"], tol=j["tol"], max_samples=j["max_samples"],
+                                    score=j["score"], noise_var=j["noise_var"],
+                                    heteroscedastic=j["heteroscedastic"], **j["sample_options"])
             if j["task"] == "classification":
                 values["label"] = np.argmax(values["mean_probabilities"], axis=-1)
             tables.append(to_table(indices, ids, values))
@@ -199,15 +194,11 @@ class _Worker:
         heuristic, keep = j["heuristic"], j["keep"]
         all_indices, all_scores, all_samples = [], [], []
         for c, indices, x, _ in self._chunks(lo, hi):
-            seed = chunk_seed(j["seed"], c)
-            if heuristic == "random":
-                scores = uniform_scores(len(indices), seed)
-            else:
-                samples = sample(self.model, x, j["n_samples"], seed=seed, strategy=j["strategy"],
-                                 **j["sample_options"])
-                scores = (SCORES[heuristic] if heuristic in SCORES else bald)(samples, from_logits=j["from_logits"])
-                if heuristic == "batchbald":
-                    all_samples.append(np.moveaxis(samples, 1, 0))  # (n, T, C): one row per example
+            scores, samples = score_chunk(self.model, x, heuristic=heuristic, n_samples=j["n_samples"],
+                                          seed=derive_seed(j["seed"], c), from_logits=j["from_logits"],
+                                          strategy=j["strategy"], n_examples=len(indices), **j["sample_options"])
+            if heuristic == "batchbald":
+                all_samples.append(np.moveaxis(samples, 1, 0))  # (n, T, C): one row per example
             all_indices.append(indices)
             all_scores.append(np.asarray(scores, dtype=np.float64))
         indices, scores = np.concatenate(all_indices), np.concatenate(all_scores)
@@ -476,7 +467,7 @@ def predict(
         (100000,)
     """
     check_choice(task, "task", TASKS)
-    score = _check_auto(n_samples, tol, max_samples, score, task)
+    score = check_stopping_rule(n_samples, tol, max_samples, score, task)
     check_int(batch_size, "batch_size", minimum=1, allow_none=True)
     check_int(seed, "seed", minimum=0, allow_none=True)
     check_choice(strategy, "strategy", ["auto", *STRATEGIES])
@@ -573,7 +564,7 @@ def query(
     check_int(n_candidates, "n_candidates", minimum=1, allow_none=True)
     check_choice(strategy, "strategy", ["auto", *STRATEGIES])
     _check_cluster_args(num_workers, cpus_per_worker, gpus_per_worker, chunks_per_task, sample_options)
-    subset_array = _sorted_subset(subset)
+    subset_array = sorted_subset(subset)
     source = None if heuristic == "random" else ModelSource.resolve(model, factory)
     if preflight and source is not None:
         _preflight(source, sample_options.get("backend"))
@@ -585,7 +576,7 @@ def query(
             f"subset: expected pool indices in [0, {n}), got values from {subset_array[0]} to {subset_array[-1]}."
         )
     available = n if subset_array is None else len(subset_array)
-    _check_k(k, available)
+    check_k(k, available)
     pointwise = heuristic in SCORES
     keep = min(available, k if pointwise else max(k, n_candidates or max(4 * k, 256)))
     num_workers = _num_workers(num_workers, cpus_per_worker, gpus_per_worker)

@@ -1,7 +1,7 @@
 """Uncertainty metrics on Monte Carlo samples: pure numpy/scipy functions, samples axis first.
 
-* :mod:`~mcu.metrics.classification`: ``(T, N, C)`` samples, explicit ``from_logits`` - predictive and
-  expected entropy, mutual information (BALD), variation ratio, margin, confidence, variances.
+* :mod:`~mcu.metrics.classification`: ``(T, N, C)`` samples, ``from_logits=False`` by default - predictive
+  and expected entropy, mutual information (BALD), variation ratio, margin, confidence, variances.
 * :mod:`~mcu.metrics.regression`: ``(T, N, ...)`` samples - mean, epistemic/aleatoric/total variance,
   Gaussian and quantile intervals, split-conformal recalibration, coverage and width.
 * :mod:`~mcu.metrics.calibration`: ECE and reliability diagrams, Brier score, NLL, AUROC/AUPR,

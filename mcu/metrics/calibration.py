@@ -35,6 +35,8 @@ __all__ = [
     "plot_reliability_diagram",
     "reliability_diagram",
     "risk_coverage_curve",
+    "validate_scores",
+    "validate_uncertainty_and_correct",
 ]
 
 
@@ -243,7 +245,13 @@ def negative_log_likelihood(probs: Any, labels: Any) -> float:
         return float(-np.mean(np.log(array[np.arange(array.shape[0]), label_arr])))
 
 
-def _scores_1d(scores: Any, argument: str) -> np.ndarray:
+def validate_scores(scores: Any, argument: str) -> np.ndarray:
+    """``scores`` as a non-empty finite 1-d float64 array; :class:`~mcu.errors.InputError` naming ``argument``.
+
+    Example:
+        >>> validate_scores([0.1, 0.4], "scores").tolist()
+        [0.1, 0.4]
+    """
     array = as_float_array(scores, argument)
     check_ndim(array, argument, 1, "(n,)")
     if array.size == 0:
@@ -278,7 +286,7 @@ def auroc(scores_pos: Any, scores_neg: Any) -> float:
         >>> auroc([1.0], [1.0])
         0.5
     """
-    pos, neg = _scores_1d(scores_pos, "scores_pos"), _scores_1d(scores_neg, "scores_neg")
+    pos, neg = validate_scores(scores_pos, "scores_pos"), validate_scores(scores_neg, "scores_neg")
     ranks = rankdata(np.concatenate([pos, neg]))  # average ranks for ties
     u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2.0
     return float(u / (pos.size * neg.size))
@@ -310,7 +318,7 @@ def aupr(scores_pos: Any, scores_neg: Any) -> float:
         >>> aupr([1.0], [1.0])   # one threshold: recall 1 at precision 1/2
         0.5
     """
-    pos, neg = _scores_1d(scores_pos, "scores_pos"), _scores_1d(scores_neg, "scores_neg")
+    pos, neg = validate_scores(scores_pos, "scores_pos"), validate_scores(scores_neg, "scores_neg")
     scores = np.concatenate([pos, neg])
     is_pos = np.concatenate([np.ones(pos.size), np.zeros(neg.size)])
     order = np.argsort(-scores, kind="stable")
@@ -322,8 +330,14 @@ def aupr(scores_pos: Any, scores_neg: Any) -> float:
     return float(np.sum(recall_gain * precision))
 
 
-def _uncertainty_and_correct(uncertainty: Any, correct: Any) -> tuple[np.ndarray, np.ndarray]:
-    unc = _scores_1d(uncertainty, "uncertainty")
+def validate_uncertainty_and_correct(uncertainty: Any, correct: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``uncertainty`` scores ``(N,)`` and ``correct`` as 0.0/1.0 floats of the same shape.
+
+    Example:
+        >>> validate_uncertainty_and_correct([0.2, 0.9], [True, False])[1].tolist()
+        [1.0, 0.0]
+    """
+    unc = validate_scores(uncertainty, "uncertainty")
     corr = as_float_array(correct, "correct")
     check_ndim(corr, "correct", 1, "(N,)")
     if corr.shape != unc.shape:
@@ -358,7 +372,7 @@ def risk_coverage_curve(uncertainty: Any, correct: Any) -> tuple[np.ndarray, np.
         >>> risk_coverage_curve([0.1, 0.2, 0.3, 0.4], [True, True, False, True])
         (array([0.25, 0.5 , 0.75, 1.  ]), array([0.        , 0.        , 0.33333333, 0.25      ]))
     """
-    unc, corr = _uncertainty_and_correct(uncertainty, correct)
+    unc, corr = validate_uncertainty_and_correct(uncertainty, correct)
     order = np.argsort(unc, kind="stable")
     unc, corr = unc[order], corr[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(unc)), unc.size - 1]

@@ -1,9 +1,11 @@
 """Uncertainty of a classifier from Monte Carlo samples of its outputs.
 
 All functions take ``samples`` of shape ``(T, N, C)``: T stochastic forward passes (samples axis first),
-N examples, C classes. ``from_logits`` is explicit: with ``from_logits=False`` the samples must be
-probabilities (finite, in [0, 1], each row summing to 1 within the tolerance of
-:func:`mcu.metrics._validation.prob_sum_atol`); they are checked and never renormalised. With
+N examples, C classes. ``from_logits`` defaults to ``False`` (samples you pass: logits passed by mistake
+fail the checks loudly; the functions that run a model, such as :func:`mcu.predict`, default to ``True``; see
+``docs/architecture.md``). With ``from_logits=False`` the samples must be probabilities (finite, in [0, 1],
+each row summing to 1 within the tolerance of :func:`mcu.metrics._validation.prob_sum_atol`); they are
+checked and never renormalised. With
 ``from_logits=True`` a numerically stable log-softmax is applied first, so logits of any finite magnitude
 (1e4 and beyond) work.
 
@@ -44,12 +46,14 @@ __all__ = [
     "mutual_information",
     "predictive_entropy",
     "predictive_variance",
+    "probabilities_and_entropies",
     "variation_ratio",
 ]
 
 
 # --------------------------------------------------------------------------------------------------------
-# Private building blocks, shared with mcu.metrics.streaming and mcu.metrics.convergence.
+# Building blocks, shared with mcu.metrics.streaming and mcu.metrics.convergence (and, for the public
+# probabilities_and_entropies, with mcu.active.acquisition).
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -59,7 +63,7 @@ def _probabilities(samples: Any, from_logits: bool) -> np.ndarray:
     return np.exp(log_softmax(array, axis=-1)) if from_logits else array
 
 
-def _probabilities_and_entropies(
+def probabilities_and_entropies(
     samples: Any, from_logits: bool, argument: str = "samples"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validated probabilities ``(T, N, C)`` and per-sample entropies ``H(p_t)`` in nats ``(T, N)``.
@@ -73,6 +77,9 @@ def _probabilities_and_entropies(
     log_p = log_softmax(array, axis=-1)
     probs = np.exp(log_p)
     return probs, -np.sum(probs * log_p, axis=-1)
+
+
+_probabilities_and_entropies = probabilities_and_entropies  # the name the other metric modules use
 
 
 def _entropy_nats(probs: np.ndarray) -> np.ndarray:
@@ -216,7 +223,7 @@ def expected_entropy(samples: Any, *, from_logits: bool = False, base: float | N
         array([1.])
     """
     scale = log_base(base)  # validate before the work
-    _, entropies = _probabilities_and_entropies(samples, from_logits)
+    _, entropies = probabilities_and_entropies(samples, from_logits)
     return entropies.mean(axis=0) / scale
 
 
@@ -249,7 +256,7 @@ def mutual_information(samples: Any, *, from_logits: bool = False, base: float |
         array([1.])
     """
     scale = log_base(base)
-    probs, entropies = _probabilities_and_entropies(samples, from_logits)
+    probs, entropies = probabilities_and_entropies(samples, from_logits)
     total = _entropy_nats(probs.mean(axis=0))
     return np.maximum(total - entropies.mean(axis=0), 0.0) / scale
 
@@ -393,7 +400,7 @@ def classification_summary(samples: Any, *, from_logits: bool = False, base: flo
         (array([1.]), array([0.]), 2)
     """
     log_base(base)  # validate before the work
-    probs, entropies = _probabilities_and_entropies(samples, from_logits)
+    probs, entropies = probabilities_and_entropies(samples, from_logits)
     mean_probs = probs.mean(axis=0)
     sum_sq_dev = np.sum((probs - mean_probs) ** 2, axis=0)
     return _summary(mean_probs, sum_sq_dev, entropies.mean(axis=0), _argmax_counts(probs), probs.shape[0], base)

@@ -10,8 +10,10 @@ import pytest
 
 import mcu
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
+from tests.conftest import require_module
+
+keras = require_module("keras")
+tf = require_module("tensorflow")
 
 from mcu.backends import _keras_graph as kg  # noqa: E402
 from mcu.backends.tensorflow import KerasBackend  # noqa: E402

@@ -7,8 +7,10 @@ import pytest
 
 import mcu
 
-keras = pytest.importorskip("keras")
-pytest.importorskip("tensorflow")
+from tests.conftest import require_module
+
+keras = require_module("keras")
+require_module("tensorflow")
 L = keras.layers
 
 

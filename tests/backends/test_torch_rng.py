@@ -9,7 +9,9 @@ import weakref
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_module
+
+torch = require_module("torch")
 
 from mcu.backends import _torch_rng  # noqa: E402
 from mcu.backends._torch_rng import Streams, bernoulli_masks, splitmix64  # noqa: E402

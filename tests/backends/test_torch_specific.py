@@ -9,7 +9,9 @@ import pytest
 
 import mcu
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_module
+
+torch = require_module("torch")
 from tests import _models  # noqa: E402
 
 

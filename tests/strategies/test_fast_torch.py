@@ -7,7 +7,9 @@ import pytest
 
 import mcu
 
-torch = pytest.importorskip("torch")
+from tests.conftest import require_module
+
+torch = require_module("torch")
 from torch import nn  # noqa: E402
 
 from mcu.backends import (
@@ -414,7 +416,7 @@ class Centered(nn.Module):
 @pytest.mark.parametrize("change", ["buffer", "private", "parameter"])
 def test_a_replaced_buffer_parameter_or_private_attribute_is_seen(change):
     """The split cache must notice what a trace baked in changing: a replaced buffer or parameter object, a
-    private attribute (the cheap check compares them; it used to skip names starting with '_')."""
+    private attribute (the cheap check compares them, names starting with '_' included)."""
     model, x = Centered(), np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     mcu.sample(model, x, 2, strategy="prefix", seed=0)
     if change == "buffer":
@@ -556,8 +558,8 @@ def test_the_second_scan_skips_worker_threads_far_behind(monkeypatch, ratio, par
 @pytest.mark.parametrize("strategy", ["auto", "prefix", "parallel"])
 def test_a_call_leaves_no_reference_cycles_behind(strategy):
     """What a call allocates is freed when it returns, also while Python's cycle collector is paused (as the
-    benchmark does around a timed call): a self-referencing stream object once kept every call's keys and
-    shared masks (16 MB over auto's probe on the benchmark CNN) until the next collection."""
+    benchmark does around a timed call): no object of a call may reference itself, or it would keep the
+    call's keys and shared masks alive until the next collection."""
     import gc
 
     model = _models.zoo("torch").cnn()

@@ -1,6 +1,6 @@
 """Throughput of :func:`mcu.distributed.predict` with 1..k workers against single-process :func:`mcu.predict`.
 
-Run ``python -m mcu.distributed._throughput`` (options: ``--help``). It starts a local Ray instance with all the
+Run ``python -m benchmarks.ray_throughput`` (options: ``--help``). It starts a local Ray instance with all the
 machine's CPUs (or connects to ``--address``), then, interleaving the configurations for ``--repeats`` rounds,
 times:
 
@@ -44,7 +44,7 @@ def _time(fn: Callable[[], Any]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mcu.distributed._throughput", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_throughput", description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=20000, help="pool size (default 20000)")
     parser.add_argument("--samples", type=int, default=50, help="MC samples per example (default 50)")
     parser.add_argument("--batch-size", type=int, default=500, help="examples per batch (default 500)")
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def distributed(workers: int) -> Callable[[], Any]:
         def run() -> None:
-            mcu.distributed.predict("mcu.distributed._throughput:build_model", x, args.samples,
+            mcu.distributed.predict("benchmarks.ray_throughput:build_model", x, args.samples,
                                     output=os.path.join(out, "scores"), overwrite=True, num_workers=workers,
                                     cpus_per_worker=args.cpus_per_worker, **common)
         return run

@@ -1,0 +1,78 @@
+"""The shape of the code: no reach into another package's private names; the import contracts hold.
+
+The layers and the framework rule are checked by ``lint-imports`` (configuration in pyproject.toml, run by
+``.ci/run``); this test covers what import-linter does not: a private *name* (``from mcu.metrics.calibration
+import _helper``) imported across packages. Within one package (``mcu.metrics.streaming`` using
+``mcu.metrics.classification._summary``) private names are shared freely; the root's private modules
+(``mcu._seeds``) are shared by the whole of mcu.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MCU = ROOT / "mcu"
+
+
+def _package(module: str) -> str:
+    """The top-level package of a dotted module name under mcu (``mcu.active.query`` -> ``active``)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _private_parts(module: str) -> list[str]:
+    """The private components of ``module`` below its top-level package."""
+    return [p for p in module.split(".")[2:] if p.startswith("_") and not p.startswith("__")]
+
+
+def cross_package_private_imports(source: str, module: str) -> list[str]:
+    """``"line: import"`` for each private name or module of another package that ``source`` imports."""
+    own = _package(module)
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "mcu":
+            if node.module == "mcu" or _package(node.module) == own:
+                continue
+            private = _private_parts(node.module) + [
+                a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
+            ]
+            if private:
+                found.append(f"{node.lineno}: from {node.module} import {', '.join(a.name for a in node.names)}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "mcu" and _package(alias.name) != own and _private_parts(alias.name):
+                    found.append(f"{node.lineno}: import {alias.name}")
+    return found
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def test_no_private_reach_across_packages():
+    offenders = {}
+    for path in sorted(MCU.rglob("*.py")):
+        found = cross_package_private_imports(path.read_text(encoding="utf-8"), _module_name(path))
+        if found:
+            offenders[str(path.relative_to(ROOT))] = found
+    assert offenders == {}, "import a public name instead (promote the helper in its package):\n" + "\n".join(
+        f"{path}: {lines}" for path, lines in offenders.items()
+    )
+
+
+def test_the_scan_finds_what_it_should():
+    assert cross_package_private_imports("from mcu.metrics.calibration import _scores_1d, aurc", "mcu.triage")
+    assert cross_package_private_imports("def f():\n    from mcu.core.predict import _x\n", "mcu.distributed.a")
+    assert cross_package_private_imports("from mcu.metrics._validation import log_base", "mcu.core.scoring")
+    assert cross_package_private_imports("import mcu.backends._torch_rng", "mcu.strategies.auto")
+    # allowed: the same package, public names, the root's private modules, dunder names
+    assert not cross_package_private_imports("from mcu.metrics.classification import _summary", "mcu.metrics.streaming")
+    assert not cross_package_private_imports("from mcu.backends import _keys", "mcu.backends.torch")
+    assert not cross_package_private_imports("from mcu.metrics.calibration import aurc", "mcu.triage")
+    assert not cross_package_private_imports("from mcu._seeds import derive_seed", "mcu.core.predict")
+    assert not cross_package_private_imports("from mcu import __version__", "mcu.cli")
