@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from mcu.errors import InputError
 
-__all__ = ["Batch", "OUTPUT_HELP", "is_structured", "output_keys", "select_output"]
+__all__ = ["Batch", "OUTPUT_HELP", "is_structured", "output_keys", "rows", "select_output", "take_rows"]
 
 OUTPUT_HELP = "a key or attribute name (e.g. 'logits'), an integer index, or a callable taking the output"
 
@@ -21,6 +21,31 @@ OUTPUT_HELP = "a key or attribute name (e.g. 'logits'), an integer index, or a c
 def is_structured(x: Any) -> bool:
     """A dict of inputs (passed by name) or a tuple of inputs (passed in order)."""
     return isinstance(x, (Mapping, tuple))
+
+
+def rows(x: Any, argument: str = "x") -> int:
+    """The batch size of ``x``: its first axis, or the shared first axis of a dict/tuple of arrays."""
+    leaves = list(x.values()) if isinstance(x, Mapping) else list(x) if isinstance(x, tuple) else [x]
+    sizes = set()
+    for leaf in leaves:
+        shape = getattr(leaf, "shape", None)
+        if shape is None or len(shape) == 0:
+            raise InputError(f"{argument}: expected an array or tensor with a batch axis (or a dict/tuple of them), "
+                             f"got {type(leaf).__qualname__}.")
+        sizes.add(int(shape[0]))
+    if len(sizes) != 1:
+        raise InputError(f"{argument}: every input must have the same batch axis (first dimension); got sizes "
+                         f"{sorted(sizes)}.")
+    return sizes.pop()
+
+
+def take_rows(x: Any, index: Any) -> Any:
+    """Rows ``index`` (a slice or an index array) of ``x``, or of every leaf of a dict/tuple of arrays."""
+    if isinstance(x, Mapping):
+        return {k: v[index] for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(v[index] for v in x)
+    return x[index]
 
 
 class Batch:

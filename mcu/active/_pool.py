@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from mcu.errors import InputError
+from mcu.structured import is_structured, rows, take_rows
 
 __all__ = ["iter_chunks", "pool_length", "take"]
 
@@ -38,7 +39,7 @@ def pool_length(pool: Any) -> int | None:
         if cardinality == -1:  # tf.data.INFINITE_CARDINALITY
             raise InputError("pool: got an infinite tf.data.Dataset; expected a finite one (drop .repeat()).")
         return None if cardinality < 0 else cardinality
-    return len(pool)
+    return rows(pool, "pool") if kind == "structured" else len(pool)
 
 
 def iter_chunks(pool: Any, batch_size: int, subset: np.ndarray | None = None) -> Iterator[Chunk]:
@@ -54,11 +55,14 @@ def iter_chunks(pool: Any, batch_size: int, subset: np.ndarray | None = None) ->
         [[0, 3], [4]]
     """
     kind = _kind(pool)
-    if kind in ("array", "map"):
-        n = len(pool)
+    if kind in ("array", "map", "structured"):
+        n = rows(pool, "pool") if kind == "structured" else len(pool)
         indices = np.arange(n) if subset is None else subset
         _check_subset(indices, n)
-        gather = (lambda idx: pool[idx]) if kind == "array" else (lambda idx: _stack(pool[int(i)] for i in idx))
+        if kind == "map":
+            gather = lambda idx: _stack(pool[int(i)] for i in idx)  # noqa: E731
+        else:
+            gather = lambda idx: take_rows(pool, idx)  # noqa: E731
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
             yield idx, gather(idx)
@@ -86,6 +90,9 @@ def take(pool: Any, indices: Iterable[int], batch_size: int = 256) -> np.ndarray
 
 
 def _kind(pool: Any) -> str:
+    if is_structured(pool):  # a dict (or tuple) of arrays sharing the batch axis, e.g. token ids + mask
+        rows(pool, "pool")
+        return "structured"
     if isinstance(pool, np.ndarray):
         if pool.ndim == 0:
             raise InputError("pool: expected an array with a batch axis first, got a 0-d array.")

@@ -33,6 +33,7 @@ def query(
     n_candidates: int | None = None,
     strategy: str = "auto",
     engine: str = "local",
+    output: Any = None,
     **engine_options: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` pool examples the model is most uncertain about, by an acquisition heuristic.
@@ -64,6 +65,8 @@ def query(
         n_candidates: BatchBALD's candidate-set size, raised to ``k`` if smaller (ignored by the other
             heuristics).
         strategy: forwarded to :func:`mcu.sample` (pass it explicitly to reproduce a query exactly elsewhere).
+        output: what to score when the model returns a structure (e.g. ``"logits"``; see :func:`mcu.sample`).
+            The pool may then also be a dict of arrays sharing the batch axis (``input_ids``, ``attention_mask``).
         engine: ``"local"`` (this process) or ``"ray"`` (Ray Data actors, see :func:`mcu.distributed.query`;
             ``engine_options`` such as ``num_workers`` go there).
 
@@ -78,6 +81,8 @@ def query(
         True
     """
     remote = engine_function(engine, "query")
+    if remote is not None and output is not None:
+        raise InputError("output: structured outputs are sampled by engine='local' only so far.")
     if remote is not None:
         return remote(model, pool, k, heuristic=heuristic, n_samples=n_samples, batch_size=batch_size, seed=seed,
                          progress=progress, backend=backend, from_logits=from_logits, subset=subset,
@@ -101,7 +106,7 @@ def query(
         for i, (indices, x) in enumerate(iter_chunks(pool, batch_size, subset_array)):
             scores, samples = score_chunk(model, x, heuristic=heuristic, n_samples=n_samples,
                                           seed=derive_seed(seed, i), from_logits=from_logits, strategy=strategy,
-                                          n_examples=len(indices), backend=backend)
+                                          n_examples=len(indices), backend=backend, output=output)
             best.push(indices, scores, samples)
             bar.update()
     check_k(k, best.seen)

@@ -18,6 +18,7 @@ from mcu.core.engines import engine_function
 from mcu.core.progress import progress_bar
 from mcu.core.sampling import SamplingSession, check_choice, check_int
 from mcu.core.scoring import TASKS, check_stopping_rule, n_rows, score_batch
+from mcu.structured import take_rows
 from mcu.errors import InputError
 
 __all__ = ["DEFAULT_BATCH", "Prediction", "predict"]
@@ -164,7 +165,7 @@ def predict(
     choice: tuple[str, dict] | None = None
     with progress_bar(progress, total=n, desc="mcu.predict", unit="ex") as bar:
         for start, batch_seed in zip(starts, seeds):
-            xb = x[start : start + batch]
+            xb = take_rows(x, slice(start, start + batch))
             batch_strategy, options = strategy, sample_options
             if choice is not None and n_rows(xb) != batch:
                 batch_strategy, options = choice  # a last, smaller batch: no second probe for its shape

@@ -17,6 +17,7 @@ import numpy as np
 from mcu.core.sampling import SamplingSession, check_choice, check_int
 from mcu.errors import InputError
 from mcu.metrics.streaming import ClassificationAccumulator, RegressionAccumulator
+from mcu.structured import rows
 
 __all__ = ["CHUNK_BYTES", "TASKS", "BatchScores", "check_stopping_rule", "n_rows", "score_batch"]
 
@@ -38,11 +39,9 @@ class BatchScores(NamedTuple):
 
 
 def n_rows(x: Any) -> int:
-    """The batch size of ``x`` (its first axis); :class:`~mcu.errors.InputError` without a batch axis."""
-    shape = getattr(x, "shape", None)
-    if shape is None or len(shape) == 0:
-        raise InputError(f"x: expected an array or tensor with a batch axis, got {type(x).__qualname__}.")
-    return int(shape[0])
+    """The batch size of ``x`` (its first axis, shared by every input of a dict/tuple);
+    :class:`~mcu.errors.InputError` without a batch axis."""
+    return rows(x)
 
 
 def check_stopping_rule(n_samples: Any, tol: Any, max_samples: Any, score: str | None, task: str) -> str:

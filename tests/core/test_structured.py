@@ -108,3 +108,19 @@ def test_batch_slices_and_signature():
     assert batch.shape != Batch(("a", "b"), (np.zeros((5, 2)), np.ones((5, 4), np.int64))).shape
     assert output_keys((1, 2)) == [0, 1] and output_keys({"x": 1}) == ["x"]
     assert select_output({"x": 3}, "x", lambda t: isinstance(t, int)) == 3
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_predict_and_query_take_dict_inputs_and_output(kind):
+    model, x = _hf(kind), _ids(n=10, seed=3)
+    pred = mcu.predict(model, x, n_samples=8, output="logits", batch_size=4, seed=0)
+    assert pred.mean.shape == (10, 3) and np.allclose(pred.mean.sum(1), 1.0)
+    assert np.all(pred.mutual_information >= -1e-9) and pred.mutual_information.max() > 0
+    again = mcu.predict(model, {k: v[4:8] for k, v in x.items()}, n_samples=8, output="logits", seed=0)
+    assert again.mean.shape == (4, 3)
+    indices, scores = mcu.active.query(model, x, 3, n_samples=8, batch_size=4, output="logits", seed=0,
+                                       progress=False)
+    assert indices.shape == (3,) and np.all(np.diff(scores) <= 0)
+    subset, _ = mcu.active.query(model, x, 2, n_samples=8, output="logits", seed=0, progress=False,
+                                 subset=[1, 5, 7])
+    assert set(subset.tolist()) <= {1, 5, 7}
