@@ -155,7 +155,58 @@ class Twin:
     stacking_problem: str | None = None
     #: a twin that runs every module in eval mode (dropout off), sharing the same tensors, for validating splits
     inference: nn.Module | None = None
+    #: whether some random operation draws from torch's global generators when the call has its own
+    #: generator (functional, attention and RNN dropout, AlphaDropout, ...): seeding then needs them
+    global_rng: bool = True
     _state: tuple = field(default=(), repr=False)
+
+
+#: The generator of the sampling call running in this thread (``seeded``); dropout modules of a twin draw
+#: their masks from it, so a seeded call neither needs nor disturbs torch's global generators.
+_CALL = threading.local()
+#: The batched input rank of the channel dropouts (other ranks draw from the global generator, as native).
+_CHANNEL_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
+_OWN_MASKS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def call_generator(generator: torch.Generator | None) -> Any:
+    """Context manager: ``generator`` is this thread's sampling generator inside the block."""
+    return _Generator(generator)
+
+
+class _Generator:
+    def __init__(self, generator: torch.Generator | None) -> None:
+        self.generator = generator
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_CALL, "generator", None)
+        _CALL.generator = self.generator
+
+    def __exit__(self, *exc: Any) -> None:
+        _CALL.generator = self.previous
+
+
+def _own_masks(module: nn.Module) -> bool:
+    """A dropout module whose masks a twin draws from the call's generator."""
+    return type(module) in _OWN_MASKS and 0.0 < module.p < 1.0
+
+
+def _generator_dropout(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module.forward`` in training mode, with masks from the call's generator when it has one (the same
+    distribution as ``F.dropout``: Bernoulli(1 - p) per element, or per channel, scaled by 1 / (1 - p))."""
+    native = type(module).forward
+    rank = _CHANNEL_RANK.get(type(module))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        generator = getattr(_CALL, "generator", None)
+        if generator is None or not module.training or (rank is not None and x.dim() != rank):
+            return native(module, x)
+        keep = 1.0 - module.p
+        shape = x.shape if rank is None else x.shape[:2] + (1,) * (x.dim() - 2)
+        noise = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep, generator=generator)
+        return x * noise.div_(keep)
+
+    return forward
 
 
 class _Probe(TorchFunctionMode):
@@ -312,9 +363,13 @@ def build(model: nn.Module, mode: str, x: Any, run: Callable[[nn.Module, Any], A
              "that model.train() would give; make these modules registered submodules.")
     module, memo = _copy_tree(model, final)
     inference, _ = _copy_tree(model, lambda m: False)
+    own = {i for i in stochastic if _own_masks(memo[i])}
+    for i in own:
+        memo[i].__dict__["forward"] = _generator_dropout(memo[i])
     return Twin(module, mode, frozenset(memo[i] for i in stochastic if i in memo),
                 frozenset(memo[i] for i in train if i in memo), _sites(calls, names),
-                _stacking_problem(passes[0], passes[1], names), inference, state)
+                _stacking_problem(passes[0], passes[1], names), inference,
+                any(id(m) not in own for m, _, _ in calls), state)
 
 
 def _sites(calls: list, names: dict[int, str]) -> tuple[tuple[str, str], ...]:

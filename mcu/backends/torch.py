@@ -121,16 +121,24 @@ class TorchBackend:
 
     @contextlib.contextmanager
     def seeded(self, model: torch.nn.Module, seed: int | None) -> Iterator[None]:
+        """Reproducible from ``seed`` inside the block (``model``: the twin the passes run on). The twin's
+        dropout modules draw from a generator of the call's own; only when some random operation draws from
+        torch's global generators (functional, attention or RNN dropout, ...) are those seeded too — under a
+        process-wide lock, and restored afterwards, so the user's random stream is not disturbed."""
         if seed is None:
             yield
             return
         device, _ = _model_device_dtype(model)
-        cuda = [device.index or 0] if device.type == "cuda" else []
-        # fork_rng restores the global generators afterwards: the user's RNG stream is not disturbed. The lock
-        # keeps two seeded calls from seeding and restoring the shared generators over each other.
-        with _GLOBAL_RNG, torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
-            yield
+        generator = torch.Generator(device).manual_seed(seed)
+        twin = _twin_info(model)
+        with _torch_twin.call_generator(generator):
+            if twin is not None and not twin.global_rng:
+                yield
+                return
+            cuda = [device.index or 0] if device.type == "cuda" else []
+            with _GLOBAL_RNG, torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)
+                yield
 
     def model_for_precision(self, model: torch.nn.Module, precision: str) -> torch.nn.Module:
         return model  # precision is applied by autocast (see precision())

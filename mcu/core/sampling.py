@@ -99,8 +99,8 @@ class SamplingSession:
                          seeded=seed is not None, output=output)
         self._requested, self._mode, self._hint = strategy, mode, n_samples_hint
         self.info = SampleInfo(impl.name, choice.reason, strategy, "", chunk_size, precision, mode)
-        self._contexts = [impl.mc_mode(model, mode, tensor), impl.precision(model, precision),
-                          impl.seeded(model, seed)]
+        self._contexts = [impl.mc_mode(model, mode, tensor), impl.precision(model, precision), None]
+        self._seed = seed
         self._entered: list[Any] = []
         self._spread_checked = False
 
@@ -114,7 +114,9 @@ class SamplingSession:
             self.strategy, self.info.strategy_reason = prepare(self.plan, self._requested, self._hint, self._mode)
             self.info.strategy = self.strategy.name
             self.info.details["copies_per_pass"] = self.plan.copies
-            self._contexts[2].__enter__()  # seeding last: the probe must not consume the seeded stream
+            # seeding last (the probe must not consume the seeded stream), for what the passes run on
+            self._contexts[2] = self.plan.backend.seeded(self.plan.model, self._seed)
+            self._contexts[2].__enter__()
             self._entered.append(self._contexts[2])
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
