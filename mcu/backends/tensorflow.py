@@ -226,7 +226,8 @@ class KerasBackend:
                 RuntimeWarning,
                 stacklevel=5,
             )
-        clone = _keras_graph.precision_clone(model, _POLICIES[precision])
+        with _tape_record.stop_recording():  # the copy's weights are synced from the model's
+            clone = _keras_graph.precision_clone(model, _POLICIES[precision])
         if clone is None:
             raise InputError(
                 f"precision: {precision!r} on the tensorflow backend needs a Functional or Sequential Keras model "
@@ -298,9 +299,8 @@ class KerasBackend:
         try:
             if _keras_mc.metering_now():  # traced by activation_bytes: run the Python, seen with static shapes
                 return _single_tensor(self._pass_body(model, session)[0](x, key))
-            function = self._pass_function(model, session, x)
-            with _tape_record.stop_recording():  # no gradients, also inside a user's GradientTape
-                out = function(x, key)
+            with _tape_record.stop_recording():  # no gradients (tracing included), also inside a user's tape
+                out = self._pass_function(model, session, x)(x, key)
         except MCUError:
             raise
         except tf.errors.ResourceExhaustedError:
@@ -315,7 +315,8 @@ class KerasBackend:
         """A validated prefix/suffix split of a Functional/Sequential model (see :mod:`._keras_graph`)."""
         session = _keras_mc.session(model)
         sites = session.sites if session is not None and session.sites is not None else self.sites(model)
-        split, reason = _keras_graph.prefix_split(model, x, sites)
+        with _tape_record.stop_recording():  # validation runs the model eagerly
+            split, reason = _keras_graph.prefix_split(model, x, sites)
         return (None if split is None else _SplitAdapter(split)), reason
 
     def generators(self, model: keras.layers.Layer, seeds: list[int]) -> tf.Tensor:
@@ -336,7 +337,8 @@ class KerasBackend:
         tensors): a rough per-pass memory estimate from static shapes. ``run`` is traced, not executed (see
         :func:`_keras_graph.activation_bytes`); only this context's calls are metered."""
         try:
-            return _keras_graph.activation_bytes(run) or None
+            with _tape_record.stop_recording():
+                return _keras_graph.activation_bytes(run) or None
         except Exception:  # noqa: BLE001 - a pass that cannot be traced this way: no estimate (auto caps rows)
             return None
 
