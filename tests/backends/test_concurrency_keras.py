@@ -21,7 +21,7 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 L = keras.layers
 
-SAMPLERS, CALLS, T = 4, 3, 16
+SAMPLERS, CALLS, T = 4, 2, 16
 
 
 def cnn():
