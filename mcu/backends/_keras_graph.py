@@ -1,6 +1,6 @@
 """Graph surgery for Keras 3 Functional and Sequential models: prefix caching and a bf16 copy.
 
-**Prefix caching.** Everything in the graph that is not downstream of a dropout-family layer is a
+**Prefix caching.** Everything in the graph that is not downstream of a dropout site (:mod:`._keras_mc`) is a
 deterministic function of the input. :func:`split_model` cuts the graph there: :meth:`KerasSplit.prefix` runs
 the deterministic part once on the ``N`` inputs (inference mode) and returns the *frontier* — every
 deterministic tensor that the stochastic part reads, model inputs and masks included. The caller stacks ``k``
@@ -11,14 +11,15 @@ the input, and each row of the repeated frontier meets its own dropout masks, as
 
 How: our own executor over the functional graph (``model._nodes_by_depth``), mirroring Keras'
 ``Functional._run_through_graph``: the very same layer objects are called with the recorded arguments and
-``training=False``, so inside :meth:`KerasBackend.mc_mode` (dropout layers patched to ``training=True``) the
-suffix is stochastic and outside it is the deterministic inference pass. Nothing in the user's model is
-modified (no new nodes are created, unlike ``keras.Model(intermediate_tensors, outputs)``).
+``training=False``; inside :func:`._keras_mc.active` (the suffix's MC passes) the sites run with
+``training=True``, elsewhere this is the deterministic inference pass. Nothing in the user's model is
+modified (no new nodes are created, unlike ``keras.Model(intermediate_tensors, outputs)``; no variable is
+written).
 
 Nested Functional/Sequential models that contain dropout are *inlined* (their own graph is executed step by
 step, so a deterministic backbone inside a nested model is cached too); nested models without dropout and
-other layers run as one opaque step; a subclassed layer or model that holds a dropout layer is stochastic as a
-whole.
+other layers run as one opaque step; a subclassed layer or model that holds a site is stochastic as a whole.
+Rate-0 dropout layers are not sites: they are identities and the prefix runs through them.
 
 Usage (what the backend / a "prefix" strategy calls)::
 
@@ -27,6 +28,7 @@ Usage (what the backend / a "prefix" strategy calls)::
     with backend.mc_mode(model), backend.seeded(model, seed):
         rows = [backend.repeat(f, k) for f in frontier]
         out = split.suffix(rows)                # (k * N, *out): sample j is out[j * N:(j + 1) * N]
+        out = split.sample(frontier, keys)      # the same with fast masks, sample j from keys[j]
 
 **Fast exact masks.** :meth:`KerasSplit.sample` runs the suffix with ``Dropout`` and
 ``SpatialDropout1D/2D/3D`` layers (exact classes, plain calls, static per-example shapes) replaced by
@@ -34,8 +36,9 @@ Usage (what the backend / a "prefix" strategy calls)::
 block), using only a few random bits per element (:func:`keep_plan`: 1 bit at rate 0.5, 2 at 0.25, 16 plus
 exact tie resolution for other rates) — exact Bernoulli(1 - rate) draws, Keras' ``noise_shape`` and
 ``data_format`` broadcasting, Keras' output values. The frontier is passed unrepeated and the masks are
-broadcast against it; it is repeated only for a reader that is not a fast dropout. Other dropout kinds
-(GaussianDropout, AlphaDropout, dropout inside an opaque layer) run as layers: :attr:`KerasSplit.native_rng`.
+broadcast against it; it is repeated only for a reader that is not a fast dropout. Other sites
+(GaussianDropout, AlphaDropout, RNN and attention dropout, dropout inside an opaque layer) run as layers,
+switched on, with draws from the block's first key: :attr:`KerasSplit.native_rng`.
 
 **bf16.** :func:`bf16_clone` builds a copy of a Functional/Sequential model under the ``"mixed_bfloat16"``
 dtype policy (weights copied, global policy restored), cached per model.
@@ -56,7 +59,7 @@ import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from mcu.backends import _keys
+from mcu.backends import _keras_mc, _keys
 
 __all__ = [
     "DROPOUT_TYPES",
@@ -72,14 +75,13 @@ __all__ = [
     "keep_mask",
     "keep_plan",
     "words_needed",
-    "metering",
     "prefix_split",
     "sample_keys",
     "split_model",
 ]
 
 #: Dropout-family layers (SpatialDropout1D/2D/3D subclass ``keras.layers.Dropout``). Same set as the backend's.
-DROPOUT_TYPES: tuple[type, ...] = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.AlphaDropout)
+DROPOUT_TYPES: tuple[type, ...] = _keras_mc.DROPOUT_TYPES
 
 _MISSING = object()
 _Key = tuple  # (scope, id(KerasTensor)): scope tells apart the calls of an inlined nested model
@@ -147,11 +149,12 @@ def _as_model_call(model: Any) -> Iterator[None]:
         yield
 
 
-def _holds_dropout(op: Any, dropout_types: tuple[type, ...]) -> bool:
-    if isinstance(op, dropout_types):
+def _holds_site(op: Any, sites: frozenset[int]) -> bool:
+    """Whether ``op`` is a dropout site (:mod:`._keras_mc`) or holds one."""
+    if id(op) in sites:
         return True
     flatten = getattr(op, "_flatten_layers", None)
-    return flatten is not None and any(isinstance(layer, dropout_types) for layer in flatten(include_self=True))
+    return flatten is not None and any(id(layer) in sites for layer in flatten(include_self=True))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,14 +166,14 @@ class _Step:
     run: Callable[[list], list]
     reads: tuple[_Key, ...]
     writes: tuple[_Key, ...]
-    source: bool  # a dropout-family layer, or an opaque layer holding one
+    source: bool  # a dropout site, or an opaque layer holding one
     compute: bool  # False for bookkeeping (entering / leaving an inlined model)
     op: Any
     label: str
     node: Any = None  # the graph node of a plain layer call (None for bookkeeping steps)
 
 
-def _call_step(node: Any, scope: tuple, dropout_types: tuple[type, ...]) -> _Step:
+def _call_step(node: Any, scope: tuple, sites: frozenset[int]) -> _Step:
     op = node.operation
     inputs = list(node.input_tensors)
     inject_training = "training" in getattr(op, "_call_context_args", ())
@@ -183,14 +186,14 @@ def _call_step(node: Any, scope: tuple, dropout_types: tuple[type, ...]) -> _Ste
 
     return _Step(
         run, tuple((scope, id(t)) for t in inputs), tuple((scope, id(t)) for t in node.outputs),
-        source=_holds_dropout(op, dropout_types), compute=True, op=op, label=op.name, node=node,
+        source=_holds_site(op, sites), compute=True, op=op, label=op.name, node=node,
     )
 
 
-def _inlinable(node: Any, dropout_types: tuple[type, ...]) -> Any:
+def _inlinable(node: Any, sites: frozenset[int]) -> Any:
     """The graph of a nested Functional/Sequential model worth inlining at ``node``, else None."""
     op = node.operation
-    if not isinstance(op, keras.Model) or not _holds_dropout(op, dropout_types) or "call" in op.__dict__:
+    if not isinstance(op, keras.Model) or not _holds_site(op, sites) or "call" in op.__dict__:
         return None
     try:
         graph = _graph_of(op)
@@ -202,7 +205,7 @@ def _inlinable(node: Any, dropout_types: tuple[type, ...]) -> Any:
     return graph
 
 
-def _emit(graph: Any, scope: tuple, dropout_types: tuple[type, ...], steps: list[_Step], known: set) -> None:
+def _emit(graph: Any, scope: tuple, sites: frozenset[int], steps: list[_Step], known: set) -> None:
     """Append the steps of ``graph`` (its inputs already written under ``scope``) in Keras' execution order."""
     for depth in sorted(graph._nodes_by_depth, reverse=True):
         for node in graph._nodes_by_depth[depth]:
@@ -210,9 +213,9 @@ def _emit(graph: Any, scope: tuple, dropout_types: tuple[type, ...], steps: list
                 continue
             if any((scope, id(t)) not in known for t in node.input_tensors):
                 continue  # as Keras: not computable from the given inputs
-            inner = _inlinable(node, dropout_types)
+            inner = _inlinable(node, sites)
             if inner is None:
-                step = _call_step(node, scope, dropout_types)
+                step = _call_step(node, scope, sites)
                 steps.append(step)
                 known.update(step.writes)
                 continue
@@ -228,7 +231,7 @@ def _emit(graph: Any, scope: tuple, dropout_types: tuple[type, ...], steps: list
                 source=False, compute=False, op=nested, label=f"enter {nested.name}",
             ))
             known.update(steps[-1].writes)
-            _emit(inner, inner_scope, dropout_types, steps, known)
+            _emit(inner, inner_scope, sites, steps, known)
             steps.append(_Step(
                 lambda values: list(values), tuple((inner_scope, id(t)) for t in inner.outputs),
                 tuple((scope, id(t)) for t in node.outputs), source=False, compute=False, op=nested,
@@ -237,7 +240,7 @@ def _emit(graph: Any, scope: tuple, dropout_types: tuple[type, ...], steps: list
             known.update(steps[-1].writes)
 
 
-def _symbols(graph: Any, scope: tuple, dropout_types: tuple[type, ...], table: dict) -> None:
+def _symbols(graph: Any, scope: tuple, sites: frozenset[int], table: dict) -> None:
     """Map every key of the (inlined) program to its KerasTensor, for shapes and tests."""
     for t in graph.inputs:
         table[(scope, id(t))] = t
@@ -245,9 +248,9 @@ def _symbols(graph: Any, scope: tuple, dropout_types: tuple[type, ...], table: d
         for node in nodes:
             for t in node.outputs:
                 table[(scope, id(t))] = t
-            inner = _inlinable(node, dropout_types) if node.operation and not node.is_input else None
+            inner = _inlinable(node, sites) if node.operation and not node.is_input else None
             if inner is not None:
-                _symbols(inner, scope + (id(node),), dropout_types, table)
+                _symbols(inner, scope + (id(node),), sites, table)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -481,69 +484,18 @@ def fast_dropout(x: tf.Tensor, layer: Any, keys: Sequence[tf.Tensor] | None, cop
 # Activation metering (a rough per-pass memory estimate for the auto strategy's budget)
 # --------------------------------------------------------------------------------------------------------------
 
-_METER = threading.local()
+_record = _keras_mc.record
 
 
-def _record(t: Any) -> Any:
-    """Add ``t``'s bytes to the active meter of this thread (if its shape is static); returns ``t``."""
-    meter = getattr(_METER, "value", None)
-    if meter is not None and tf.is_tensor(t) and t.shape.is_fully_defined():
-        meter[0] += t.shape.num_elements() * t.dtype.size
-    return t
-
-
-def _metered(call: Callable[..., Any]) -> Callable[..., Any]:
-    def call_and_record(*args: Any, **kwargs: Any) -> Any:
-        out = call(*args, **kwargs)
-        for t in tree.flatten(out):
-            _record(t)
-        return out
-
-    return call_and_record
-
-
-@contextlib.contextmanager
-def metering(model: Any) -> Iterator[list[int]]:
-    """Inside the block, count the bytes of every leaf layer output of ``model`` and of the fast suffix's
-    masked and repeated tensors; yields ``[bytes]``.
-
-    Meant for :func:`activation_bytes`, which *traces* the pass instead of running it. tf.functions
-    run their Python meanwhile (``tf.config.run_functions_eagerly``, process-wide, restored on exit), so the
-    layers are seen with static shapes; each leaf layer gets an instance-level ``call`` wrapper, removed on
-    exit (the layer's previous ``__dict__`` entry, e.g. MC mode's patch, is put back). The functions traced
-    before are untouched: nothing is retraced because of the measurement.
-    """
-    leaves = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
-              if next(iter(layer._flatten_layers(include_self=False, recursive=False)), None) is None]
-    patched: list[tuple[Any, Any]] = []
-    eager = tf.config.functions_run_eagerly()
-    meter = [0]
-    previous = getattr(_METER, "value", None)
-    try:
-        for layer in leaves:
-            patched.append((layer, layer.__dict__.get("call", _MISSING)))
-            layer.call = _metered(layer.call)
-        _METER.value = meter
-        tf.config.run_functions_eagerly(True)
-        yield meter
-    finally:
-        tf.config.run_functions_eagerly(eager)
-        _METER.value = previous
-        for layer, original in reversed(patched):
-            if original is _MISSING:
-                del layer.call
-            else:
-                layer.call = original
-
-
-
-def activation_bytes(model: Any, run: Callable[[], Any]) -> int:
+def activation_bytes(run: Callable[[], Any]) -> int:
     """Bytes of the leaf-layer outputs (and fast-dropout / repeated tensors) of ``run()``, from static shapes.
 
     ``run`` is traced into a throwaway graph and never executed: no activation memory is allocated (an eager
-    pass would peak at about its activations) and no random state moves.
+    pass would peak at about its activations) and no random state moves. Metering is local to this context
+    (:func:`._keras_mc.metering`): the backend's functions run their Python meanwhile, other threads' calls
+    are neither counted nor changed.
     """
-    with metering(model) as meter:
+    with _keras_mc.metering() as meter:
         tf.function(lambda: (run(), None)[1], autograph=False).get_concrete_function()
     return meter[0]
 
@@ -551,21 +503,6 @@ def activation_bytes(model: Any, run: Callable[[], Any]) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # The split
 # --------------------------------------------------------------------------------------------------------------
-
-def _dropout_patch_state(layers: Sequence[Any]) -> tuple[bool, ...]:
-    return tuple("call" in layer.__dict__ for layer in layers)
-
-
-@contextlib.contextmanager
-def _dropout_inactive(layers: Sequence[Any]) -> Iterator[None]:
-    """Temporarily remove instance-level ``call`` overrides (the backend's mc_mode patch) from ``layers``."""
-    hidden = [(layer, layer.__dict__.pop("call")) for layer in layers if "call" in layer.__dict__]
-    try:
-        yield
-    finally:
-        for layer, call in hidden:
-            layer.call = call
-
 
 def _host(t: Any) -> tuple[np.ndarray, float]:
     """A float64 numpy copy of an output tensor and the relative tolerance its dtype allows."""
@@ -586,13 +523,15 @@ class KerasSplit:
     Holds the model weakly (a cache keyed by the model does not keep it alive).
     """
 
-    def __init__(self, model: Any, dropout_types: tuple[type, ...] = DROPOUT_TYPES) -> None:
+    def __init__(self, model: Any, sites: "_keras_mc.Sites | None" = None) -> None:
         graph = _graph_of(model)
+        sites = _keras_mc.find_sites(model) if sites is None else sites
+        ids = sites.ids
         self._model = weakref.ref(model)
         self._graph = None if graph is model else graph  # never hold the model itself strongly
         steps: list[_Step] = []
         self._input_keys = [((), id(t)) for t in graph.inputs]
-        _emit(graph, (), dropout_types, steps, set(self._input_keys))
+        _emit(graph, (), ids, steps, set(self._input_keys))
         self._output_keys = [((), id(t)) for t in graph.outputs]
         self._outputs_struct = graph._outputs_struct
 
@@ -605,7 +544,7 @@ class KerasSplit:
             else:
                 prefix.append(step)
         if not suffix:
-            raise Unsplittable("no dropout-family layer in the model's graph: nothing is stochastic")
+            raise Unsplittable("no dropout site in the model's graph: nothing is stochastic")
         if not any(step.compute for step in prefix):
             raise Unsplittable(
                 f"the first operation after every input is stochastic ({suffix[0].label}): no deterministic "
@@ -619,26 +558,27 @@ class KerasSplit:
         self._prefix_steps, self._suffix_steps = prefix, suffix
         self._frontier = list(frontier)
         table: dict = {}
-        _symbols(graph, (), dropout_types, table)
+        _symbols(graph, (), ids, table)
         self.frontier_tensors = [table[key] for key in self._frontier]
         self.n_prefix_ops = sum(step.compute for step in prefix)
         self.n_suffix_ops = sum(step.compute for step in suffix)
         seen: dict[int, Any] = {}
         for step in suffix:
             for layer in getattr(step.op, "_flatten_layers", lambda **_: [])(include_self=True):
-                if isinstance(layer, dropout_types):
+                if id(layer) in ids:
                     seen.setdefault(id(layer), layer)
         self.dropout_layers = list(seen.values())
+        self._sites = sites.without_layers()
         problems = {i: fast_problem(step) for i, step in enumerate(suffix) if step.source}
         self._fast = {i: step.op for i, step in enumerate(suffix) if step.source and problems[i] is None}
         self.native_reasons = [why for why in problems.values() if why is not None]
-        #: Some dropout draws from Keras seed generators (a shared state), not from the per-sample keys.
+        #: Some site draws from a seed derived from the block's first key, not from per-sample keys.
         self.native_rng = bool(self.native_reasons)
         # autograph off, as in Keras' own predict/fit functions (its conversion of the executor and the Keras
         # internals it calls cost ~5 MB and time on the first trace, for nothing: no tensor-dependent Python)
         self._prefix_fn = tf.function(self._run_prefix, reduce_retracing=True, autograph=False)
         self._prefix_concrete: dict[Hashable, Callable] = {}
-        self._suffix_fns: dict[tuple[bool, ...], Callable] = {}
+        self._suffix_fns: dict[Hashable, Callable] = {}
         self._sample_fns: dict[Hashable, Callable] = {}
         self._validated: dict[Hashable, str | None] = {}
         self._lock = threading.Lock()
@@ -677,25 +617,27 @@ class KerasSplit:
 
     def _run_prefix(self, x: Any) -> list:
         model = self._model_or_raise()
-        with _as_model_call(model):
+        with _as_model_call(model), _keras_mc.active(self._sites, None, force=False):  # inference, nothing written
             env = dict(zip(self._input_keys, _standardize(model, model if self._graph is None else self._graph, x)))
             self._run(self._prefix_steps, env)
         return [env[key] for key in self._frontier]
 
-    def _run_suffix(self, frontier: list) -> Any:
+    def _run_suffix(self, frontier: list, key: tf.Tensor | None = None) -> Any:
+        """The suffix as layers: an MC pass with draws from ``key`` (``(1,)`` uint64), or inference (None)."""
         model = self._model_or_raise()
-        with _as_model_call(model):
+        with _as_model_call(model), _keras_mc.active(self._sites, key, force=key is not None):
             env = dict(zip(self._frontier, frontier))
             self._run(self._suffix_steps, env)
         outputs = tree.pack_sequence_as(self._outputs_struct, [env[key] for key in self._output_keys])
         return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
 
     def _run_fast(self, frontier: list, keys: tf.Tensor | None, copies: int | None = None,
-                  broadcast: bool = True) -> Any:
-        """The suffix with :func:`fast_dropout` in place of the dropout layers that allow it (others run as
-        layers: inside MC mode from their seed generators). With ``broadcast`` the frontier has ``N`` rows and
-        stands for ``copies`` stacked copies: a tensor is repeated only when something other than a fast
-        dropout reads it. ``keys=None``: fast dropouts inactive (validation), ``copies`` then given."""
+                  broadcast: bool = True, reached: set[int] | None = None) -> Any:
+        """The suffix with :func:`fast_dropout` in place of the dropout layers that allow it (other sites run
+        as layers, switched on with draws from the first sample's key: :func:`._keras_mc.active`). With
+        ``broadcast`` the frontier has ``N`` rows and stands for ``copies`` stacked copies: a tensor is repeated
+        only when something other than a fast dropout reads it. ``keys=None``: every site inactive
+        (validation), ``copies`` then given. ``reached`` collects the ids of the sites that ran."""
         model = self._model_or_raise()
         key_list = None if keys is None else tf.unstack(keys)
         copies = len(key_list) if key_list is not None else int(copies)
@@ -712,7 +654,10 @@ class KerasSplit:
                 drawn, start = _words(key_list, sum(sizes.values()), 0), 0
                 for index, size in sizes.items():
                     words[index], start = drawn[:, start:start + size], start + size
-        with _as_model_call(model):
+        if reached is not None and key_list is not None:
+            reached.update(id(layer) for layer in self._fast.values())
+        key = None if key_list is None else key_list[0]
+        with _as_model_call(model), _keras_mc.active(self._sites, key, force=key is not None, reached=reached):
             env = dict(zip(self._frontier, frontier))
             lazy = set(self._frontier) if broadcast else set()
 
@@ -740,18 +685,18 @@ class KerasSplit:
     def sample(self, frontier: Sequence[tf.Tensor], keys: tf.Tensor, broadcast: bool = True) -> Any:
         """``k = len(keys)`` samples of the stochastic part, sample ``j``'s fast dropout masks from ``keys[j]``.
 
-        Run inside the backend's ``mc_mode`` (dropout layers without a fast path draw from their seed
-        generators, see :attr:`native_rng`). One ``tf.function`` per block size ``k``, patch state and
-        dropout settings (traced once per frontier shape); ``keys`` is a tensor, so seeds never retrace.
+        Sites without a fast path draw from ``keys[0]`` (see :attr:`native_rng`). One concrete function per
+        block size ``k``, dropout configuration and frontier shapes; ``keys`` is a tensor, so seeds never
+        retrace. Raises :class:`~mcu.errors.NoDropoutError` (or warns) when, traced, some site never ran.
 
         Shape:
             frontier: list of ``(N, *frontier_shape_i)`` (:meth:`prefix`; ``broadcast``) or of
             ``(k * N, ...)`` stacked copies; keys: ``(k, 1)`` uint64 (:func:`sample_keys`) -> ``(k * N, *out)``.
         """
         frontier = list(frontier)
-        if tf.config.functions_run_eagerly():  # e.g. metering: run the Python
+        if _keras_mc.metering_now() or tf.config.functions_run_eagerly():  # e.g. metering: run the Python
             return self._run_fast(frontier, keys, broadcast=broadcast)
-        state = (int(keys.shape[0]), broadcast, _dropout_patch_state(self.dropout_layers),
+        state = (int(keys.shape[0]), broadcast, self._sites.signature,
                  tuple(_fast_signature(layer) for layer in self._fast.values()),
                  tuple((tuple(f.shape), f.dtype) for f in frontier))
         concrete = self._sample_fns.get(state)
@@ -759,9 +704,12 @@ class KerasSplit:
             with self._lock:
                 concrete = self._sample_fns.get(state)
                 if concrete is None:
-                    function = tf.function(lambda frontier, keys: self._run_fast(frontier, keys, broadcast=broadcast),
-                                           autograph=False)
-                    concrete = self._sample_fns[state] = function.get_concrete_function(frontier, keys)
+                    reached: set[int] = set()
+                    function = tf.function(lambda frontier, keys: self._run_fast(frontier, keys, broadcast=broadcast,
+                                                                                 reached=reached), autograph=False)
+                    concrete = function.get_concrete_function(frontier, keys)
+                    _keras_mc.check_reached(self.dropout_layers, reached, "the split's stochastic part")
+                    self._sample_fns[state] = concrete
         return concrete(frontier, keys)
 
     def prefix(self, x: Any) -> list[tf.Tensor]:
@@ -781,30 +729,34 @@ class KerasSplit:
     def suffix(self, frontier: Sequence[tf.Tensor]) -> Any:
         """Run the stochastic part on frontier tensors of ``k * N`` rows (``k`` stacked copies of :meth:`prefix`).
 
-        Inside the backend's ``mc_mode`` the dropout layers are stochastic; outside it this is the inference
-        pass. One ``tf.function`` is kept per patch state of the dropout layers, so a trace made in one mode is
-        never reused in the other.
+        Inside the backend's ``mc_mode`` for this model, in this context (thread or asyncio task), the sites are
+        on, with draws from the session's key stream; elsewhere this is the inference pass. Traced once per
+        kind and dropout configuration, so a trace made for one is never reused for the other.
 
         Shape:
             frontier: list of ``(k * N, *frontier_shape_i)`` -> ``(k * N, *output_shape)`` (the model's output
             structure).
         """
-        state = _dropout_patch_state(self.dropout_layers)
+        session = _keras_mc.session(self._model_or_raise())
+        stochastic = session is not None and session.mode is not None
+        state = (self._sites.signature, stochastic)
         function = self._suffix_fns.get(state)
         if function is None:
             with self._lock:
                 function = self._suffix_fns.setdefault(
                     state, tf.function(self._run_suffix, reduce_retracing=True, autograph=False)
                 )
-        return function(list(frontier))
+        if not stochastic:
+            return function(list(frontier))
+        return function(list(frontier), tf.constant(session.stream.take(1)))
 
     # -- validation -------------------------------------------------------------------------------------------
     def validate(self, x: Any, copies: int = 2) -> str | None:
         """Check the split on ``x``: ``None`` if it reproduces the model, else the reason it does not.
 
         Runs ``model(x, training=False)`` and ``copies`` copies through the suffix (the fast executor of
-        :meth:`sample` when some dropout has a fast path, else :meth:`suffix`) with every dropout layer inactive
-        (also inside ``mc_mode``: its patches are lifted for the check) and compares each copy with the model's
+        :meth:`sample` when some dropout has a fast path, else the suffix as layers) with every site inactive
+        and compares each copy with the model's
         output (rtol 1e-4 in fp32, 2e-2 in 16-bit). Catches operations in the suffix that depend on the batch
         size. Runs on the first ``min(N, 3)`` rows only (the reference pass is eager: its memory peak grows
         with the rows). Cached per per-example input shapes, dtypes and rows used; the seed state is untouched
@@ -820,7 +772,7 @@ class KerasSplit:
             flat = tree.flatten(x)
         model = self._model_or_raise()
         try:
-            with _dropout_inactive(self.dropout_layers):
+            with _keras_mc.active(self._sites, None, force=False):  # inference; nothing written (RNN seeds)
                 reference = [_host(t) for t in tree.flatten(model(x, training=False))]
                 frontier = self.prefix(x)
                 bad = [tuple(f.shape) for f in frontier if len(f.shape) == 0 or int(f.shape[0]) != n]
@@ -830,7 +782,7 @@ class KerasSplit:
                     # eagerly: a throwaway trace would cost graph memory for nothing
                     outs = [self._run_fast(list(frontier), None, copies=copies, broadcast=True)]
                 else:
-                    outs = [self.suffix([tf.tile(f, [copies] + [1] * (len(f.shape) - 1)) for f in frontier])]
+                    outs = [self._run_suffix([tf.tile(f, [copies] + [1] * (len(f.shape) - 1)) for f in frontier])]
             reason = None
             for out in outs:
                 for (ref, tol), (val, _) in zip(reference, [_host(t) for t in tree.flatten(out)]):
@@ -862,23 +814,24 @@ _SPLITS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _SPLITS_LOCK = threading.Lock()
 
 
-def split_model(model: Any, dropout_types: tuple[type, ...] = DROPOUT_TYPES) -> tuple[KerasSplit | None, str]:
-    """Cut ``model`` at its dropout layers (structure only, no validation); cached per model.
+def split_model(model: Any, sites: "_keras_mc.Sites | None" = None) -> tuple[KerasSplit | None, str]:
+    """Cut ``model`` at its dropout sites (structure only, no validation); cached per model and sites.
 
     Returns:
         ``(split, description)`` or ``(None, reason)`` — None for a subclassed model (no graph), an unbuilt
-        Sequential, a model whose every input goes straight into a dropout (empty prefix: nothing to cache,
-        use the vectorized strategy) or one with no dropout in its graph.
+        Sequential, a model whose every input goes straight into a dropout site (empty prefix: nothing to
+        cache, use the vectorized strategy) or one with no dropout site in its graph.
     """
+    sites = _keras_mc.find_sites(model) if sites is None else sites
     with _SPLITS_LOCK:
         entry = _SPLITS.get(model)
-        if entry is None or entry["types"] != dropout_types:
+        if entry is None or entry["sites"] != sites.signature:
             try:
-                split: KerasSplit | None = KerasSplit(model, dropout_types)
+                split: KerasSplit | None = KerasSplit(model, sites)
                 reason = split.describe()
             except Unsplittable as exc:
                 split, reason = None, str(exc)
-            entry = {"types": dropout_types, "split": split, "reason": reason}
+            entry = {"sites": sites.signature, "split": split, "reason": reason}
             try:
                 _SPLITS[model] = entry
             except TypeError:  # not weak-referenceable: do not cache
@@ -886,13 +839,13 @@ def split_model(model: Any, dropout_types: tuple[type, ...] = DROPOUT_TYPES) -> 
     return entry["split"], entry["reason"]
 
 
-def prefix_split(model: Any, x: Any, dropout_types: tuple[type, ...] = DROPOUT_TYPES) -> tuple[KerasSplit | None, str]:
+def prefix_split(model: Any, x: Any, sites: "_keras_mc.Sites | None" = None) -> tuple[KerasSplit | None, str]:
     """:func:`split_model` then :meth:`KerasSplit.validate` on ``x``: the one call a strategy needs.
 
-    Safe inside or outside ``mc_mode`` and ``seeded`` (validation lifts the dropout patches and draws no
+    Safe inside or outside ``mc_mode`` and ``seeded`` (validation runs every site inactive and draws no
     random numbers). Returns ``(split, description)`` or ``(None, reason)``.
     """
-    split, reason = split_model(model, dropout_types)
+    split, reason = split_model(model, sites)
     if split is None:
         return None, reason
     problem = split.validate(x)

@@ -1,20 +1,25 @@
-"""TensorFlow / Keras 3 backend: dropout-family layers run with ``training=True``, everything else in
-inference mode (BatchNormalization uses its moving statistics, augmentation layers are inactive).
+"""TensorFlow / Keras 3 backend: dropout sites run with ``training=True``, everything else in inference mode
+(BatchNormalization uses its moving statistics, augmentation layers are inactive).
 
-How: inside :meth:`KerasBackend.mc_mode` each dropout layer gets an instance-level ``call`` that forces
-``training=True``, and the model is called with ``training=False``. The instance attribute is removed on exit,
-so the layer's class behaviour is untouched. Forward passes run through a ``tf.function`` cached per model.
-The dropout layers' seed-generator states are saved and restored, so sampling leaves no trace in the model.
+How: nothing on the model is changed. :mod:`._keras_mc` decides the sites (dropout-family layers, RNN layers
+with ``dropout``/``recurrent_dropout``, attention dropout; rate 0 is no site) and switches them on inside the
+backend's traced functions only, through context-local state read by hooks installed once; every random draw
+of a pass comes from a per-pass key (a tensor argument), and no variable is written (``keras.StatelessScope``).
+So concurrent calls from threads or asyncio tasks, and plain inference on the same model, do not affect each
+other, and a seeded call is reproducible whatever runs beside it. Forward passes run through concrete
+functions cached per model, mode, per-example input shape and dtype, and dropout configuration.
 
 Prefix/parallel strategies run a split of Functional/Sequential models (:mod:`._keras_graph`) in which
 Dropout and SpatialDropout1D/2D/3D draw exact masks from one Philox stream per sample
 (:meth:`KerasBackend.generators`), so a seeded result does not depend on how samples are grouped into passes
-or threads; other dropout kinds keep drawing from their seed generators.
+or threads; other sites (GaussianDropout, AlphaDropout, RNN and attention dropout, dropout inside a subclassed
+layer) draw from the block's first key (:attr:`_SplitAdapter.native_rng`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 import weakref
@@ -23,17 +28,19 @@ from typing import Any, Callable, Iterator
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import record as _tape_record
 
-from mcu.backends import _keras_graph
-from mcu.errors import InputError, NoDropoutError
+from mcu.backends import _keras_graph, _keras_mc
+from mcu.errors import InputError, MCUError, NoDropoutError
 
 __all__ = ["KerasBackend"]
 
-_DROPOUT_TYPES = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.AlphaDropout)
-# SpatialDropout1D/2D/3D subclass keras.layers.Dropout.
-_DROPOUT_NAMES = "Dropout, SpatialDropout1D, SpatialDropout2D, SpatialDropout3D, GaussianDropout, AlphaDropout"
-_MISSING = object()
+_DROPOUT_TYPES = _keras_mc.DROPOUT_TYPES
+_SITE_NAMES = ("Dropout, SpatialDropout1D/2D/3D, GaussianDropout, AlphaDropout (rate > 0), an RNN layer with "
+               "dropout or recurrent_dropout > 0, or an attention layer with dropout > 0")
 _POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+# Frames of these packages (mcu's backend hooks included): an exception raised there is a layer refusing its input
+_FRAMEWORK_DIRS = tuple(os.path.dirname(m.__file__) for m in (keras, tf)) + (os.path.dirname(__file__),)
 
 
 def _native_fp16() -> bool:
@@ -48,26 +55,35 @@ def _native_fp16() -> bool:
     return "avx512_fp16" in flags or "amx_fp16" in flags
 
 
-def _all_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
-    """Every layer reachable from ``model``: nested models and layers held by subclassed models included."""
-    return list(model._flatten_layers(include_self=True, recursive=True))
+def _raised_by_framework(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of ``exc`` is Keras' or TensorFlow's (a layer refused its inputs),
+    not the model's own code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or tb.tb_frame.f_code.co_filename.startswith(_FRAMEWORK_DIRS)
 
 
-def _force_training(call: Callable[..., Any]) -> Callable[..., Any]:
-    def call_in_training_mode(*args: Any, **kwargs: Any) -> Any:
-        kwargs["training"] = True
-        return call(*args, **kwargs)
+def _model_error(model: Any, x: tf.Tensor, exc: BaseException) -> MCUError:
+    """The error for an exception of a forward pass: the input's fault (the model refused it) or the model's."""
+    if isinstance(exc, MCUError):
+        return exc
+    first = tf.nest.flatten(x)[0]
+    shape = tuple(first.shape[1:]) if tf.is_tensor(x) else tf.nest.map_structure(lambda t: tuple(t.shape[1:]), x)
+    if isinstance(exc, (ValueError, TypeError, tf.errors.InvalidArgumentError)) and _raised_by_framework(exc):
+        return InputError(f"x: the model rejected inputs of per-example shape {shape} and dtype {first.dtype.name} "
+                          f"(a pass of {first.shape[0]} rows): {exc}")
+    return InputError(f"model: {type(model).__qualname__} raised {type(exc).__name__} during a forward pass on x of "
+                      f"per-example shape {shape}: {exc} (the original exception is the cause)")
 
-    return call_in_training_mode
 
-
-def _seed_states(layers: list[keras.layers.Layer]) -> list[Any]:
-    states = []
-    for layer in layers:
-        generator = getattr(layer, "seed_generator", None)
-        if generator is not None:
-            states.append(generator.state)
-    return states
+def _single_tensor(out: Any) -> tf.Tensor:
+    if not tf.is_tensor(out):
+        raise InputError(
+            f"model: expected the forward pass to return one tensor, got {type(out).__qualname__}; "
+            "wrap the model so that it returns a single tensor (e.g. concatenate mean and log-variance)."
+        )
+    return out
 
 
 class _Frontier(list):
@@ -85,9 +101,10 @@ class _SplitAdapter:
 
     ``suffix(frontier, generators)``: ``generators`` are per-sample Philox keys (:meth:`KerasBackend.generators`);
     sample ``j``'s fast dropout masks depend on its key alone, so blocks may be grouped in any way and run on
-    parallel threads. ``native_rng`` is True when some dropout of the suffix has no fast path (GaussianDropout,
-    AlphaDropout, a dropout inside a subclassed layer, ...) and draws from its Keras seed generator instead:
-    shared state, so the result then depends on the grouping and threads would make it irreproducible.
+    parallel threads. ``native_rng`` is True when some site of the suffix has no fast path (GaussianDropout,
+    AlphaDropout, RNN or attention dropout, a dropout inside a subclassed layer, ...): it draws from a seed
+    derived from the block's first key, so the result then depends on the grouping (reproducible for a given
+    grouping, also on threads).
     """
 
     repeats_frontier = True
@@ -100,14 +117,16 @@ class _SplitAdapter:
         return self._split.native_rng
 
     def prefix(self, x: tf.Tensor) -> list[tf.Tensor]:
-        frontier = _Frontier(self._split.prefix(x))
+        with _tape_record.stop_recording():
+            frontier = _Frontier(self._split.prefix(x))
         frontier.rows = int(frontier[0].shape[0])
         return frontier
 
     def suffix(self, frontier: list[tf.Tensor], generators: Any) -> tf.Tensor:
         # the prefix's own list: N rows standing for len(generators) copies; anything else: stacked copies
         broadcast = isinstance(frontier, _Frontier) and int(frontier[0].shape[0]) == frontier.rows
-        return self._split.sample(list(frontier), generators, broadcast=broadcast)
+        with _tape_record.stop_recording():
+            return _single_tensor(self._split.sample(list(frontier), generators, broadcast=broadcast))
 
     @property
     def description(self) -> str:
@@ -126,20 +145,42 @@ class KerasBackend:
     dropout_types = _DROPOUT_TYPES
 
     def __init__(self) -> None:
-        self._compiled: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
-        self._mode = threading.local()
+        self._compiled: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+        self._warned: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
 
     def is_model(self, obj: Any) -> bool:
         return isinstance(obj, keras.layers.Layer)
 
-    def dropout_layers(self, model: keras.layers.Layer) -> list[keras.layers.Layer]:
-        layers = [layer for layer in _all_layers(model) if isinstance(layer, self.dropout_types)]
-        if not layers:
+    def sites(self, model: keras.layers.Layer) -> _keras_mc.Sites:
+        """The dropout sites of ``model`` (see :mod:`._keras_mc`); raises :class:`NoDropoutError` if none."""
+        sites = _keras_mc.find_sites(model)
+        if not sites.layers:
+            zero = [layer.name for layer in model._flatten_layers(include_self=True, recursive=True)
+                    if _keras_mc.configured_dropout(layer)]
+            if zero:
+                raise NoDropoutError(
+                    f"model: {type(model).__qualname__}'s dropout layer(s) {zero} all have rate 0, so every MC "
+                    "sample would be identical; expected at least one dropout site with a rate > 0."
+                )
             raise NoDropoutError(
                 f"model: {type(model).__qualname__} has no dropout layer, so every MC sample would be "
-                f"identical; expected at least one of keras.layers.{_DROPOUT_NAMES}."
+                f"identical; expected at least one of keras.layers.{_SITE_NAMES}."
             )
-        return layers
+        if sites.unknown_random and self._warned.get(model) != sites.signature:
+            self._warned[model] = sites.signature
+            warnings.warn(
+                f"mcu: layer(s) {[f'{layer.name} ({type(layer).__name__})' for layer in sites.unknown_random]} take "
+                "`training` and own a random seed generator but are not dropout layers mcu knows: they run with "
+                "training=False while sampling (no randomness from them). If they implement dropout, build them "
+                "from keras.layers.Dropout.",
+                RuntimeWarning, stacklevel=4,
+            )
+        return sites
+
+    def dropout_layers(self, model: keras.layers.Layer) -> list[keras.layers.Layer]:
+        """Every dropout site of ``model`` (rate > 0); raises :class:`NoDropoutError` if none."""
+        return list(self.sites(model).layers)
 
     def stacking_problem(self, model: keras.layers.Layer, split: Any = None) -> str | None:
         """Why stacked copies of the batch in one pass would not sample independently (None: they would): a
@@ -156,42 +197,22 @@ class KerasBackend:
 
     @contextlib.contextmanager
     def mc_mode(self, model: keras.layers.Layer, mode: str = "dropout", x: Any = None) -> Iterator[None]:
-        dropouts = self.dropout_layers(model)
-        patched: list[tuple[keras.layers.Layer, Any]] = []
-        # Training mode may update BatchNorm moving statistics: snapshot every variable to restore it exactly.
-        saved = [(v, v.numpy()) for v in model.variables] if mode == "training" else []
-        previous_mode = getattr(self._mode, "value", None)
-        previous_model = getattr(self._mode, "model", None)
-        try:
-            if mode == "dropout":
-                for layer in dropouts:
-                    patched.append((layer, layer.__dict__.get("call", _MISSING)))
-                    layer.call = _force_training(layer.call)
-            self._mode.value, self._mode.model = mode, model
-            yield
-        finally:
-            self._mode.value, self._mode.model = previous_mode, previous_model
-            for layer, original in reversed(patched):
-                if original is _MISSING:
-                    del layer.call
-                else:
-                    layer.call = original
-            for variable, value in saved:
-                variable.assign(value)
+        """Open a sampling session for ``model`` in this context (thread or asyncio task): :meth:`forward` then
+        runs MC passes. Nothing on the model is changed; nothing to restore. Yields None (the passes run on the
+        model itself). ``x`` is accepted for the protocol and not needed here."""
+        sites = self.sites(model)
+        with _keras_mc.using_session(model, _keras_mc.Session(mode, sites, _keras_mc.KeyStream(None))):
+            yield None
 
     @contextlib.contextmanager
     def seeded(self, model: keras.layers.Layer, seed: int | None) -> Iterator[None]:
-        states = _seed_states(self.dropout_layers(model))
-        originals = [state.numpy() for state in states]
-        # Fresh entropy when no seed is given: restoring the states afterwards must not replay old masks.
-        words = np.random.SeedSequence(seed).generate_state(2 * len(states), dtype=np.uint32)
-        try:
-            for i, state in enumerate(states):
-                state.assign(np.asarray([words[2 * i], words[2 * i + 1]], dtype=originals[i].dtype))
+        """Passes of :meth:`forward` inside the block draw from keys derived from ``seed`` (fresh entropy when
+        None), in this context only; the model's seed generators are never read or written."""
+        current = _keras_mc.session(model)
+        sites = current.sites if current is not None else self.sites(model)
+        mode = current.mode if current is not None else None
+        with _keras_mc.using_session(model, _keras_mc.Session(mode, sites, _keras_mc.KeyStream(seed))):
             yield
-        finally:
-            for state, value in zip(states, originals):
-                state.assign(value)
 
     def model_for_precision(self, model: keras.layers.Layer, precision: str) -> keras.layers.Layer:
         """The model itself for fp32; for bf16/fp16 a cached mixed-precision copy (weights synced from the
@@ -205,7 +226,8 @@ class KerasBackend:
                 RuntimeWarning,
                 stacklevel=5,
             )
-        clone = _keras_graph.precision_clone(model, _POLICIES[precision])
+        with _tape_record.stop_recording():  # the copy's weights are synced from the model's
+            clone = _keras_graph.precision_clone(model, _POLICIES[precision])
         if clone is None:
             raise InputError(
                 f"precision: {precision!r} on the tensorflow backend needs a Functional or Sequential Keras model "
@@ -218,51 +240,88 @@ class KerasBackend:
         return contextlib.nullcontext()  # the precision lives in the model copy (model_for_precision)
 
     def to_tensor(self, model: keras.layers.Layer, x: Any) -> tf.Tensor:
+        """``x`` as a dense eager tensor (a ``tf.Variable`` is read once: the sampling never sees the variable,
+        so nothing traced for it is reused for plain tensors or the other way round)."""
         if isinstance(x, np.ndarray):
             tensor = tf.convert_to_tensor(x)
+        elif isinstance(x, tf.Variable):
+            tensor = tf.convert_to_tensor(x.value())
+        elif isinstance(x, (tf.SparseTensor, tf.RaggedTensor)):
+            raise InputError(f"x: expected a dense numpy array or tf.Tensor, got a {type(x).__qualname__}; "
+                             "convert it with tf.sparse.to_dense / .to_tensor() first.")
         elif tf.is_tensor(x):
-            tensor = x
+            tensor = tf.convert_to_tensor(x)
         else:
             raise InputError(f"x: expected a numpy array or a tf.Tensor, got {type(x).__qualname__}.")
         if tensor.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(tensor))):
             raise InputError("x: contains NaN or infinite values; expected finite inputs.")
         return tensor
 
-    def _function(self, model: keras.layers.Layer, mode: str) -> Callable[[tf.Tensor], tf.Tensor]:
-        functions = self._compiled.setdefault(model, {})
-        if mode not in functions:
-            training, ref = mode == "training", weakref.ref(model)  # no strong reference: the model can be freed
-            functions[mode] = tf.function(lambda x: ref()(x, training=training), reduce_retracing=True)
-        return functions[mode]
+    def _pass_function(self, model: keras.layers.Layer, session: _keras_mc.Session, x: tf.Tensor) -> Callable:
+        """The traced pass for this model, mode, per-example shape, dtype and dropout configuration (a concrete
+        function with a free batch size): each input shape is traced once, so Keras checks it against the
+        model, and a trace is never reused for an input it was not made for."""
+        key = (session.mode, repr(tf.nest.map_structure(lambda t: (tuple(t.shape[1:]), t.dtype.name), x)),
+               session.sites.signature)
+        with self._lock:
+            entry = self._compiled.setdefault(model, {"lock": threading.Lock(), "functions": {}})
+        function = entry["functions"].get(key)
+        if function is None:
+            with entry["lock"]:
+                function = entry["functions"].get(key)
+                if function is None:
+                    body, reached = self._pass_body(model, session)
+                    traced = tf.function(body)
+                    spec = tf.nest.map_structure(lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), x)
+                    function = traced.get_concrete_function(spec, tf.TensorSpec((1,), tf.uint64))
+                    _keras_mc.check_reached(session.sites.layers, reached, "a forward pass")
+                    entry["functions"][key] = function
+        return function
+
+    @staticmethod
+    def _pass_body(model: keras.layers.Layer, session: _keras_mc.Session) -> tuple[Callable, set[int]]:
+        """``body(x, key)``: one MC pass of ``model`` with the pass's random draws from ``key``; the set that
+        collects the sites reached when it is traced."""
+        ref, training, reached = weakref.ref(model), session.mode == "training", set()  # no strong reference
+        sites = session.sites.without_layers()
+
+        def body(x: tf.Tensor, key: tf.Tensor) -> Any:
+            with _keras_mc.active(sites, key, force=not training, reached=reached):
+                return ref()(x, training=training)
+
+        return body, reached
 
     def forward(self, model: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
-        mode = getattr(self._mode, "value", None)
-        if mode is None:
+        session = _keras_mc.session(model)
+        if session is None or session.mode is None:
             raise RuntimeError("KerasBackend.forward must run inside mc_mode()")
+        key = tf.constant(session.stream.take(1))
         try:
-            out = self._function(model, mode)(x)
-        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
-            raise InputError(
-                f"x: the model rejected inputs of per-example shape {tuple(x.shape[1:])} and dtype {x.dtype.name} "
-                f"(a pass of {x.shape[0]} rows): {exc}"
-            ) from exc
-        if not tf.is_tensor(out):
-            raise InputError(
-                f"model: expected the forward pass to return one tensor, got {type(out).__qualname__}; "
-                "wrap the model so that it returns a single tensor (e.g. concatenate mean and log-variance)."
-            )
-        return out
+            if _keras_mc.metering_now():  # traced by activation_bytes: run the Python, seen with static shapes
+                return _single_tensor(self._pass_body(model, session)[0](x, key))
+            with _tape_record.stop_recording():  # no gradients (tracing included), also inside a user's tape
+                out = self._pass_function(model, session, x)(x, key)
+        except MCUError:
+            raise
+        except tf.errors.ResourceExhaustedError:
+            raise  # not an input problem: lower chunk_size / max_memory
+        except Exception as exc:  # noqa: BLE001 - classified: the input's fault or the model's, original as cause
+            raise _model_error(model, x, exc) from exc
+        return _single_tensor(out)
 
     # ---- fast paths ------------------------------------------------------------------------------------------
 
     def split(self, model: keras.layers.Layer, x: tf.Tensor) -> tuple[Any, str]:
         """A validated prefix/suffix split of a Functional/Sequential model (see :mod:`._keras_graph`)."""
-        split, reason = _keras_graph.prefix_split(model, x, dropout_types=self.dropout_types)
+        session = _keras_mc.session(model)
+        sites = session.sites if session is not None and session.sites is not None else self.sites(model)
+        with _tape_record.stop_recording():  # validation runs the model eagerly
+            split, reason = _keras_graph.prefix_split(model, x, sites)
         return (None if split is None else _SplitAdapter(split)), reason
 
     def generators(self, model: keras.layers.Layer, seeds: list[int]) -> tf.Tensor:
         """One Philox key per sample, ``(k, 1)`` uint64: the split's fast dropout masks of sample ``j`` come
-        from ``seeds[j]`` alone (dropouts without a fast path still draw from their seed generators)."""
+        from ``seeds[j]`` alone (sites without a fast path draw from the block's first key)."""
         return _keras_graph.sample_keys(seeds)
 
     @contextlib.contextmanager
@@ -276,12 +335,10 @@ class KerasBackend:
     def activation_bytes(self, run: Callable[[], Any]) -> int | None:
         """Bytes of all leaf-layer outputs produced by ``run()`` (plus the fast suffix's masked and repeated
         tensors): a rough per-pass memory estimate from static shapes. ``run`` is traced, not executed (see
-        :func:`_keras_graph.activation_bytes`); call inside :meth:`mc_mode`, whose model is metered."""
-        model = getattr(self._mode, "model", None)
-        if model is None:
-            return None
+        :func:`_keras_graph.activation_bytes`); only this context's calls are metered."""
         try:
-            return _keras_graph.activation_bytes(model, run) or None
+            with _tape_record.stop_recording():
+                return _keras_graph.activation_bytes(run) or None
         except Exception:  # noqa: BLE001 - a pass that cannot be traced this way: no estimate (auto caps rows)
             return None
 

@@ -40,8 +40,6 @@ def test_samples_differ_when_dropout_is_active(models, rng, strategy):
 
 
 def test_dropout_rate_zero_is_not_dropout(models, rng):
-    if models.name != "torch":
-        pytest.skip("the Keras backend's rule for rate-0 dropout lands with its every-site change")
     with pytest.raises(mcu.NoDropoutError, match="rate 0"):
         mcu.sample(models.mlp(p=0.0), models.vector(rng, 3), 4, seed=0)
 

@@ -246,11 +246,14 @@ def test_fast_path_samples_the_loop_distribution_and_the_check_has_power():
 def test_a_changed_rate_is_seen_by_the_next_call():
     model, x = mixed_model(), image(2)
     mcu.sample(model, x, 4, strategy="prefix", seed=0)
-    for layer in model.layers:
-        if isinstance(layer, L.Dropout):
-            layer.rate = 0.0
-    samples = mcu.sample(model, x, 4, strategy="prefix", seed=0)
-    np.testing.assert_allclose(samples, np.broadcast_to(model(x, training=False), samples.shape), rtol=1e-5, atol=1e-6)
+    spatial, drop = [layer for layer in model.layers if isinstance(layer, L.Dropout)]
+    spatial.rate = 0.0  # no longer a site: an identity, and the prefix now runs through it
+    samples, info = mcu.sample(model, x, 4, strategy="prefix", seed=0, return_info=True)
+    assert "fast per-sample masks in 1 of 1" in info.strategy_reason and "from 'dropout" in info.strategy_reason
+    assert not np.allclose(samples[0], samples[1])
+    drop.rate = 0.0
+    with pytest.raises(mcu.NoDropoutError, match="rate 0"):
+        mcu.sample(model, x, 4, strategy="prefix", seed=0)
 
 
 def test_dropout_without_a_fast_path_runs_natively():
