@@ -32,6 +32,7 @@ from tensorflow.python.eager import record as _tape_record
 
 from mcu.backends import _keras_graph, _keras_mc
 from mcu.errors import InputError, MCUError, NoDropoutError
+from mcu.structured import Batch, is_structured, select_output
 
 __all__ = ["KerasBackend"]
 
@@ -77,15 +78,6 @@ def _model_error(model: Any, x: tf.Tensor, exc: BaseException) -> MCUError:
                       f"per-example shape {shape}: {exc} (the original exception is the cause)")
 
 
-def _single_tensor(out: Any) -> tf.Tensor:
-    if not tf.is_tensor(out):
-        raise InputError(
-            f"model: expected the forward pass to return one tensor, got {type(out).__qualname__}; "
-            "wrap the model so that it returns a single tensor (e.g. concatenate mean and log-variance)."
-        )
-    return out
-
-
 class _Frontier(list):
     """The frontier of ``rows`` examples as :meth:`_SplitAdapter.prefix` returns it (a list of tensors).
 
@@ -126,7 +118,7 @@ class _SplitAdapter:
         # the prefix's own list: N rows standing for len(generators) copies; anything else: stacked copies
         broadcast = isinstance(frontier, _Frontier) and int(frontier[0].shape[0]) == frontier.rows
         with _tape_record.stop_recording():
-            return _single_tensor(self._split.sample(list(frontier), generators, broadcast=broadcast))
+            return self._split.sample(list(frontier), generators, broadcast=broadcast)
 
     @property
     def description(self) -> str:
@@ -239,22 +231,29 @@ class KerasBackend:
     def precision(self, model: keras.layers.Layer, precision: str) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the precision lives in the model copy (model_for_precision)
 
-    def to_tensor(self, model: keras.layers.Layer, x: Any) -> tf.Tensor:
+    def to_tensor(self, model: keras.layers.Layer, x: Any) -> tf.Tensor | Batch:
         """``x`` as a dense eager tensor (a ``tf.Variable`` is read once: the sampling never sees the variable,
-        so nothing traced for it is reused for plain tensors or the other way round)."""
+        so nothing traced for it is reused for plain tensors or the other way round), or a dict/tuple of them
+        (a :class:`~mcu.structured.Batch`: the model is called with the dict, or the tuple as a list)."""
+        if is_structured(x):
+            return Batch.convert(x, lambda leaf, name: self._leaf(leaf, name))
+        return self._leaf(x, "x")
+
+    def _leaf(self, x: Any, argument: str) -> tf.Tensor:
         if isinstance(x, np.ndarray):
             tensor = tf.convert_to_tensor(x)
         elif isinstance(x, tf.Variable):
             tensor = tf.convert_to_tensor(x.value())
         elif isinstance(x, (tf.SparseTensor, tf.RaggedTensor)):
-            raise InputError(f"x: expected a dense numpy array or tf.Tensor, got a {type(x).__qualname__}; "
-                             "convert it with tf.sparse.to_dense / .to_tensor() first.")
+            raise InputError(f"{argument}: expected a dense numpy array or tf.Tensor, got a "
+                             f"{type(x).__qualname__}; convert it with tf.sparse.to_dense / .to_tensor() first.")
         elif tf.is_tensor(x):
             tensor = tf.convert_to_tensor(x)
         else:
-            raise InputError(f"x: expected a numpy array or a tf.Tensor, got {type(x).__qualname__}.")
+            raise InputError(f"{argument}: expected a numpy array or a tf.Tensor (or, for x, a dict or tuple of "
+                             f"them), got {type(x).__qualname__}.")
         if tensor.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(tensor))):
-            raise InputError("x: contains NaN or infinite values; expected finite inputs.")
+            raise InputError(f"{argument}: contains NaN or infinite values; expected finite inputs.")
         return tensor
 
     def _pass_function(self, model: keras.layers.Layer, session: _keras_mc.Session, x: tf.Tensor) -> Callable:
@@ -291,14 +290,17 @@ class KerasBackend:
 
         return body, reached
 
-    def forward(self, model: keras.layers.Layer, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, model: keras.layers.Layer, x: tf.Tensor | Batch) -> Any:
+        """One MC pass: the model's raw output (a tensor or a structure; see :meth:`select_output`)."""
+        if isinstance(x, Batch):
+            x = x.as_input() if x.keys is not None else list(x.leaves)
         session = _keras_mc.session(model)
         if session is None or session.mode is None:
             raise RuntimeError("KerasBackend.forward must run inside mc_mode()")
         key = tf.constant(session.stream.take(1))
         try:
             if _keras_mc.metering_now():  # traced by activation_bytes: run the Python, seen with static shapes
-                return _single_tensor(self._pass_body(model, session)[0](x, key))
+                return self._pass_body(model, session)[0](x, key)
             with _tape_record.stop_recording():  # no gradients (tracing included), also inside a user's tape
                 out = self._pass_function(model, session, x)(x, key)
         except MCUError:
@@ -307,12 +309,19 @@ class KerasBackend:
             raise  # not an input problem: lower chunk_size / max_memory
         except Exception as exc:  # noqa: BLE001 - classified: the input's fault or the model's, original as cause
             raise _model_error(model, x, exc) from exc
-        return _single_tensor(out)
+        return out
+
+    def select_output(self, out: Any, output: Any) -> tf.Tensor:
+        """The tensor to sample from a pass's output: ``out`` itself, or what ``output`` selects from a list,
+        tuple or dict output."""
+        return select_output(out, output, tf.is_tensor)
 
     # ---- fast paths ------------------------------------------------------------------------------------------
 
     def split(self, model: keras.layers.Layer, x: tf.Tensor) -> tuple[Any, str]:
         """A validated prefix/suffix split of a Functional/Sequential model (see :mod:`._keras_graph`)."""
+        if isinstance(x, Batch):
+            return None, "the model takes structured inputs; prefix caching supports one input tensor"
         session = _keras_mc.session(model)
         sites = session.sites if session is not None and session.sites is not None else self.sites(model)
         with _tape_record.stop_recording():  # validation runs the model eagerly
@@ -345,7 +354,9 @@ class KerasBackend:
     def nbytes(self, t: tf.Tensor) -> int:
         return int(tf.size(t)) * t.dtype.size
 
-    def repeat(self, x: tf.Tensor, n: int) -> tf.Tensor:
+    def repeat(self, x: tf.Tensor | Batch, n: int) -> tf.Tensor | Batch:
+        if isinstance(x, Batch):
+            return x.map(lambda t: tf.tile(t, [n] + [1] * (len(t.shape) - 1)))
         return tf.tile(x, [n] + [1] * (len(x.shape) - 1))
 
     def to_numpy(self, t: tf.Tensor) -> np.ndarray:

@@ -124,3 +124,28 @@ def test_predict_and_query_take_dict_inputs_and_output(kind):
     subset, _ = mcu.active.query(model, x, 2, n_samples=8, output="logits", seed=0, progress=False,
                                  subset=[1, 5, 7])
     assert set(subset.tolist()) <= {1, 5, 7}
+
+
+def _keras_two_inputs(output_kind: str):
+    require_backend("tensorflow")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((4,), name="a"), keras.Input((2,), name="b")
+    h = keras.layers.Dropout(0.5)(keras.layers.Dense(8, activation="relu")(keras.layers.Concatenate()([a, b])))
+    cls, reg = keras.layers.Dense(3)(h), keras.layers.Dense(1)(h)
+    outputs = {"cls": cls, "reg": reg} if output_kind == "dict" else [cls, reg]
+    return keras.Model({"a": a, "b": b}, outputs)
+
+
+@pytest.mark.parametrize("output_kind, key", [("dict", "reg"), ("list", 1)])
+@pytest.mark.parametrize("strategy", ["loop", "vectorized", "auto"])
+def test_keras_dict_inputs_and_structured_outputs(output_kind, key, strategy):
+    model = _keras_two_inputs(output_kind)
+    x = {"a": np.ones((3, 4), np.float32), "b": np.full((3, 2), 0.5, np.float32)}
+    samples = mcu.sample(model, x, 20, output=key, strategy=strategy, seed=0)
+    assert samples.shape == (20, 3, 1) and samples.std(0).min() > 0
+    with pytest.raises(mcu.InputError, match="available"):
+        mcu.sample(model, x, 2, strategy=strategy)
+    pred = mcu.predict(model, x, n_samples=10, task="regression", output=key, seed=0)
+    assert pred.mean.shape[0] == 3
