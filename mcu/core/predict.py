@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from mcu._checks import check_choice, check_int
 from mcu.core.progress import progress_bar
-from mcu.core.sampling import SamplingSession, check_choice, check_int
+from mcu.core.sampling import MAX_SAMPLES, MAX_SEED, SamplingSession
 from mcu.errors import InputError
 from mcu.metrics.streaming import ClassificationAccumulator, RegressionAccumulator
 
@@ -24,6 +25,8 @@ TASKS = ("classification", "regression")
 CHUNK_BYTES = 1 << 20
 #: examples per batch when the caller gives none
 DEFAULT_BATCH = 1024
+#: What ``**sample_options`` may hold with ``engine="local"``.
+SAMPLE_OPTIONS = ("chunk_size", "precision", "backend", "mode", "max_memory", "workers")
 _SCORES = {"classification": ("mutual_information", "predictive_entropy", "expected_entropy"),
            "regression": ("predictive_mean",)}
 
@@ -108,9 +111,9 @@ def _check_auto(n_samples: Any, tol: Any, max_samples: Any, score: str | None, t
     if n_samples == "auto":
         if not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not tol > 0:
             raise InputError(f"tol: expected a positive number with n_samples='auto', got {tol!r}.")
-        check_int(max_samples, "max_samples", minimum=2)
+        check_int(max_samples, "max_samples", minimum=2, maximum=MAX_SAMPLES)
     else:
-        check_int(n_samples, "n_samples", minimum=1)
+        check_int(n_samples, "n_samples", minimum=1, maximum=MAX_SAMPLES)
         if tol is not None:
             raise InputError(f"tol: only used with n_samples='auto', got tol={tol!r} with n_samples={n_samples!r}.")
     score = score or _SCORES[task][0]
@@ -187,7 +190,12 @@ def predict(
         return ray_predict(model, x, n_samples, task=task, from_logits=from_logits, seed=seed, strategy=strategy,
                            batch_size=batch_size, tol=tol, max_samples=max_samples, score=score, noise_var=noise_var,
                            heteroscedastic=heteroscedastic, progress=progress, **sample_options)
+    unknown = sorted(set(sample_options) - set(SAMPLE_OPTIONS))
+    if unknown:
+        raise InputError(f"{unknown[0]}: unknown keyword argument of mcu.predict; expected one of the documented "
+                         f"arguments or sample options {', '.join(SAMPLE_OPTIONS)}.")
     check_choice(task, "task", TASKS)
+    check_int(seed, "seed", minimum=0, maximum=MAX_SEED, allow_none=True)
     score = _check_auto(n_samples, tol, max_samples, score, task)
     n = _n_rows(x)
     check_int(batch_size, "batch_size", minimum=1, allow_none=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import numbers
 import os
 import re
 import sys
@@ -41,7 +40,8 @@ from ray.data import ActorPoolStrategy
 from mcu.active.acquisition import SCORES, bald, batch_bald, get_heuristic, uniform_scores
 from mcu.active.query import _check_k, _sorted_subset, derive_seed
 from mcu.core.predict import DEFAULT_BATCH, TASKS, _check_auto, _predict_batch
-from mcu.core.sampling import check_choice, check_int, sample
+from mcu._checks import check_choice, check_int, check_number
+from mcu.core.sampling import sample
 from mcu.distributed.loading import ModelSource, describe, load_model
 from mcu.distributed.results import prediction_from_table, read_prediction, to_table
 from mcu.distributed.sources import (
@@ -274,11 +274,7 @@ def _make_pool(data: Any, column: Any, shape: Any, id_column: str | None) -> Poo
     )
 
 
-def _check_number(value: Any, argument: str, *, minimum: float, strict: bool) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        raise InputError(f"{argument}: expected a number {'>' if strict else '>='} {minimum}, got {value!r}.")
+_check_number = check_number  # the shared check (NaN and infinities refused)
 
 
 def _check_cluster_args(num_workers: Any, cpus_per_worker: Any, gpus_per_worker: Any, chunks_per_task: Any,
