@@ -9,7 +9,8 @@ import numpy as np
 from mcu.active._pool import iter_chunks, pool_length
 from mcu.active.acquisition import SCORES, bald, batch_bald, get_heuristic, uniform_scores
 from mcu.core.progress import progress_bar
-from mcu.core.sampling import check_choice, check_int, sample
+from mcu._checks import check_choice, check_int
+from mcu.core.sampling import MAX_SEED, sample
 from mcu.errors import InputError
 
 __all__ = ["query"]
@@ -88,7 +89,7 @@ def query(
     check_int(k, "k", minimum=1)
     check_int(n_samples, "n_samples", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
-    check_int(seed, "seed", minimum=0, allow_none=True)
+    check_int(seed, "seed", minimum=0, maximum=MAX_SEED, allow_none=True)
     check_int(n_candidates, "n_candidates", minimum=1, allow_none=True)
     subset_array = _sorted_subset(subset)
     available = pool_length(pool) if subset_array is None else len(subset_array)

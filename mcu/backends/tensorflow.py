@@ -226,6 +226,12 @@ class KerasBackend:
             raise InputError(f"x: expected a numpy array or a tf.Tensor, got {type(x).__qualname__}.")
         if tensor.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(tensor))):
             raise InputError("x: contains NaN or infinite values; expected finite inputs.")
+        compute = tf.as_dtype(getattr(model, "compute_dtype", None) or tensor.dtype)
+        # Keras casts floating inputs to the compute dtype: values beyond its range would become inf
+        narrower = tensor.dtype.is_floating and compute.is_floating and compute.size < tensor.dtype.size
+        if narrower and not bool(tf.reduce_all(tf.math.is_finite(tf.cast(tensor, compute)))):
+            raise InputError(f"x: contains values beyond the range of the model's compute dtype {compute.name} "
+                             f"(given {tensor.dtype.name}); expected finite inputs after that conversion.")
         return tensor
 
     def _function(self, model: keras.layers.Layer, mode: str) -> Callable[[tf.Tensor], tf.Tensor]:
