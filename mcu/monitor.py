@@ -111,7 +111,11 @@ class DriftMonitor:
         Returns:
             The alarms raised by this update (every test is also recorded in :attr:`checks`).
         """
-        new = _scores_1d(scores, "scores") if np.size(scores) else np.empty(0)
+        try:
+            empty = np.size(scores) == 0
+        except ValueError:  # ragged: the check below says so
+            empty = False
+        new = np.empty(0) if empty else _scores_1d(scores, "scores")
         stream = np.concatenate([self._recent, new])
         offset = self._seen - len(self._recent)  # stream position of stream[0]
         self._seen += len(new)

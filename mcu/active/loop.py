@@ -28,6 +28,7 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -37,7 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from mcu._checks import check_int, check_number, fail
+from mcu._checks import check_choice, check_int, check_number, fail
 from mcu.active._pool import iter_chunks, pool_length, take
 from mcu.active.acquisition import get_heuristic
 from mcu.active.query import derive_seed, query
@@ -122,8 +123,7 @@ class ActiveLearningLoop:
             if not isinstance(path, (str, os.PathLike)) and not (name == "export_path" and path is None):
                 raise fail(name, "a file path (str or os.PathLike)", repr(path))
         get_heuristic(heuristic)
-        if mode not in _MODES:
-            raise InputError(f"mode: expected 'max' (higher metric is better) or 'min', got {mode!r}.")
+        check_choice(mode, "mode", _MODES)  # "max": a higher metric is better
         if oracle is None and export_path is None:
             raise InputError(
                 "oracle: got None and no export_path; expected a callback oracle(indices) -> labels or an export_path."
@@ -374,8 +374,10 @@ def _pool_size(pool: Any) -> int:
 
 
 def _new_state(pool_size: int, initial_indices: Iterable[int], initial_labels: Iterable[Any]) -> dict[str, Any]:
-    indices = [int(i) for i in initial_indices]
-    labels = [_jsonable(label) for label in initial_labels]
+    indices, labels = _listed(initial_indices, "initial_indices"), _listed(initial_labels, "initial_labels")
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_)) for i in indices):
+        raise fail("initial_indices", "integer pool indices", repr(indices))
+    indices, labels = [int(i) for i in indices], [_jsonable(label) for label in labels]
     if len(indices) != len(labels):
         raise InputError(f"initial_labels: expected {len(indices)} labels (one per initial index), got {len(labels)}.")
     if len(set(indices)) != len(indices) or any(not 0 <= i < pool_size for i in indices):
@@ -388,7 +390,15 @@ def _new_state(pool_size: int, initial_indices: Iterable[int], initial_labels: I
     }
 
 
+def _listed(values: Any, argument: str) -> list[Any]:
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise fail(argument, "a sequence", repr(values))
+    return list(values)
+
+
 def _query_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    if options is not None and not isinstance(options, dict):
+        raise fail("query_options", "a dict of mcu.active.query keyword arguments or None", repr(options))
     options = dict(options or {})
     unknown = set(options) - set(_QUERY_OPTIONS)
     if unknown:

@@ -104,7 +104,13 @@ def query(
             if heuristic == "random":  # no model needed
                 best.push(indices, uniform_scores(len(indices), chunk_seed))
             else:
-                samples = sample(model, x, n_samples, seed=chunk_seed, backend=backend, strategy=strategy)
+                try:
+                    samples = sample(model, x, n_samples, seed=chunk_seed, backend=backend, strategy=strategy)
+                except InputError as exc:
+                    if not str(exc).startswith("x:"):
+                        raise
+                    # the pool's examples are this call's x: name the argument the caller passed
+                    raise InputError(f"pool: examples {int(indices[0])} to {int(indices[-1])}: {exc}") from exc
                 score = SCORES[heuristic] if pointwise else bald
                 best.push(indices, score(samples, from_logits=from_logits), samples)
             bar.update()

@@ -108,7 +108,7 @@ def _accumulator(task: str, from_logits: bool, noise_var: Any, heteroscedastic: 
 
 
 def _check_auto(n_samples: Any, tol: Any, max_samples: Any, score: str | None, task: str) -> str:
-    if n_samples == "auto":
+    if isinstance(n_samples, str) and n_samples == "auto":
         if not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not tol > 0:
             raise InputError(f"tol: expected a positive number with n_samples='auto', got {tol!r}.")
         check_int(max_samples, "max_samples", minimum=2, maximum=MAX_SAMPLES)
@@ -239,7 +239,11 @@ def _predict_batch(model, xb, n_samples, task, from_logits, seed, strategy, tol,
     session = SamplingSession(model, xb, strategy=strategy, seed=seed, n_samples_hint=target, **sample_options)
     with session:
         chunk = session.draw(first)
-        acc.update(chunk)
+        try:
+            acc.update(chunk)
+        except InputError as exc:  # the accumulator's "chunk" is the model's output: say so
+            raise InputError(f"model: its outputs of shape {chunk.shape[1:]} per sample cannot be summarised with "
+                             f"task={task!r}, from_logits={from_logits!r}: {exc}") from exc
         per_sample = max(1, chunk[0].nbytes)
         while acc.n_samples < target:
             if n_samples == "auto" and np.nanmax(acc.standard_error(score)) < tol:

@@ -17,12 +17,14 @@ from mcu.strategies import STRATEGIES, Plan
 from mcu.strategies.auto import prepare
 from mcu.strategies.base import SeedStream
 
-__all__ = ["MAX_SAMPLES", "MAX_SEED", "SampleInfo", "SamplingSession", "sample"]
+__all__ = ["MAX_ROWS", "MAX_SAMPLES", "MAX_SEED", "SampleInfo", "SamplingSession", "sample"]
 
 #: Most samples one call (or one session) may draw: the per-sample seeds are distinct 32-bit words up to here.
 MAX_SAMPLES = 1 << 32
 #: Largest seed, the same for every backend (seeds are 64-bit words).
 MAX_SEED = (1 << 64) - 1
+#: Largest ``chunk_size``: rows of one forward pass are indexed with 32-bit integers by some kernels.
+MAX_ROWS = (1 << 31) - 1
 
 
 @dataclass
@@ -71,7 +73,7 @@ class SamplingSession:
         check_choice(strategy, "strategy", ["auto", *STRATEGIES])
         check_choice(precision, "precision", PRECISIONS)
         check_choice(mode, "mode", MODES)
-        check_int(chunk_size, "chunk_size", minimum=1, allow_none=True)
+        check_int(chunk_size, "chunk_size", minimum=1, maximum=MAX_ROWS, allow_none=True)
         check_int(seed, "seed", minimum=0, maximum=MAX_SEED, allow_none=True)
         check_int(max_memory, "max_memory", minimum=1, allow_none=True)
         check_int(workers, "workers", minimum=1, allow_none=True)
