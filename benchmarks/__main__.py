@@ -218,11 +218,30 @@ class Progress:
             self.bar.close()
 
 
+def unwritable(out: Path, markdown: Path | None) -> str | None:
+    """Why the results could not be written to ``out`` (a folder) and ``markdown`` (a file), or ``None``."""
+    for path, argument in ((out, "--out"), *(((markdown.parent, "--markdown"),) if markdown is not None else ())):
+        if argument == "--markdown" and markdown.is_dir():
+            return f"--markdown: expected a file path, got the folder {str(markdown)!r}"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".mcu-bench-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return f"{argument}: expected a folder the results can be written to, got {str(path)!r} ({exc.strerror or exc})"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `mcu bench -- --quick`
         argv = argv[1:]
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    problem = None if args.plan else unwritable(args.out, args.markdown)
+    if problem:  # before the run, not after it: the results would be lost
+        p.error(problem)
     settings = settings_from(args)
     estimate = suite.estimate_total(settings)
     print(f"mcu bench ({settings.profile}): estimated {estimate / 60:.1f} min (ETA refined while running)\n"

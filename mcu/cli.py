@@ -13,8 +13,9 @@ __all__ = ["main"]
 def _info(args: argparse.Namespace) -> int:
     from mcu.core.info import backend_info, format_info
 
-    print(format_info(backend_info()))
-    return 0
+    info = backend_info()
+    print(format_info(info))
+    return 1 if info.get("error") else 0  # a misconfiguration is reported, and the exit status says so
 
 
 _DELEGATED = {"bench": "benchmarks.__main__", "demo": "mcu.demo"}

@@ -100,22 +100,34 @@ def _read_toml(path: Path) -> dict:
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise InputError(f"{path}: not valid TOML ({exc}); fix the file or remove it.") from exc
     _parsed[path] = (stamp, data)
     return data
+
+
+def _mcu_table(data: dict, path: Path) -> dict:
+    """The ``[tool.mcu]`` table of a parsed file (empty if absent); ``InputError`` if a part is not a table."""
+    table: object = data
+    for depth, key in enumerate(("tool", "mcu")):
+        table = table.get(key, {})  # type: ignore[union-attr]
+        if not isinstance(table, dict):
+            name = "[tool]" if depth == 0 else "[tool.mcu]"
+            raise InputError(f"{path}: expected {name} to be a table (e.g. [tool.mcu] with backend = \"torch\"), "
+                             f"got {key} = {table!r}.")
+    return table  # type: ignore[return-value]
 
 
 def _file_choice(cwd: Path) -> Choice | None:
     mcu_toml = cwd / "mcu.toml"
     if mcu_toml.is_file():
         data = _read_toml(mcu_toml)
-        value = data.get("backend", data.get("tool", {}).get("mcu", {}).get("backend"))
+        value = data.get("backend", _mcu_table(data, mcu_toml).get("backend"))
         if value is not None:
             return Choice(canonical_backend(value, argument=f"backend in {mcu_toml}"), f"backend in {mcu_toml}")
     pyproject = cwd / "pyproject.toml"
     if pyproject.is_file():
-        value = _read_toml(pyproject).get("tool", {}).get("mcu", {}).get("backend")
+        value = _mcu_table(_read_toml(pyproject), pyproject).get("backend")
         if value is not None:
             where = f"[tool.mcu] backend in {pyproject}"
             return Choice(canonical_backend(value, argument=where), where)

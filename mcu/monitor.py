@@ -29,14 +29,13 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.stats import ks_2samp, wasserstein_distance
 
-from mcu.core.sampling import check_int
+from mcu._checks import check_int, check_number
 from mcu.errors import InputError
 from mcu.metrics.calibration import validate_scores
 
@@ -85,11 +84,8 @@ class DriftMonitor:
         check_int(step, "step", minimum=1, allow_none=True)
         self.reference = validate_scores(reference_scores, "reference_scores")
         self.window, self.step = int(window), int(window if step is None else step)
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
-            raise InputError(f"alpha: expected a per-window false-alarm rate strictly between 0 and 1, got {alpha!r}.")
-        if isinstance(min_effect_size, bool) or not isinstance(min_effect_size, numbers.Real) or min_effect_size < 0:
-            raise InputError(f"min_effect_size: expected a number >= 0, got {min_effect_size!r}.")
-        self.alpha, self.min_effect_size = float(alpha), float(min_effect_size)
+        self.alpha = check_number(alpha, "alpha", minimum=0, maximum=1, strict=True)
+        self.min_effect_size = check_number(min_effect_size, "min_effect_size", minimum=0)
         self._median = float(np.median(self.reference))
         self._scale = float(np.std(self.reference))
         if not self._scale > 0:
@@ -115,7 +111,11 @@ class DriftMonitor:
         Returns:
             The alarms raised by this update (every test is also recorded in :attr:`checks`).
         """
-        new = validate_scores(scores, "scores") if np.size(scores) else np.empty(0)
+        try:
+            empty = np.size(scores) == 0
+        except ValueError:  # ragged: the check below says so
+            empty = False
+        new = np.empty(0) if empty else validate_scores(scores, "scores")
         stream = np.concatenate([self._recent, new])
         offset = self._seen - len(self._recent)  # stream position of stream[0]
         self._seen += len(new)

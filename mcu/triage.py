@@ -21,13 +21,13 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
+from mcu._checks import check_number, fail
 from mcu.errors import InputError
 from mcu.metrics.calibration import aurc, risk_coverage_curve, validate_scores, validate_uncertainty_and_correct
 
@@ -55,8 +55,20 @@ class Triage:
     tiers: tuple[str, ...] = DEFAULT_TIERS
 
     def __post_init__(self) -> None:
-        thresholds = tuple(float(t) for t in np.atleast_1d(np.asarray(self.thresholds, dtype=np.float64)))
-        tiers = tuple(self.tiers)
+        try:
+            values = np.asarray(self.thresholds)
+            ok = values.dtype.kind in "biuf" and values.ndim <= 1
+        except (TypeError, ValueError):  # ragged or otherwise not an array of numbers
+            ok = False
+        if not ok:
+            raise fail("thresholds", "a sequence of numbers", repr(self.thresholds))
+        thresholds = tuple(float(t) for t in np.atleast_1d(values.astype(np.float64)))
+        if isinstance(self.tiers, str):
+            raise fail("tiers", "a sequence of tier names", repr(self.tiers))
+        try:
+            tiers = tuple(self.tiers)
+        except TypeError:
+            raise fail("tiers", "a sequence of tier names", repr(self.tiers)) from None
         if len(tiers) < 2 or len(set(tiers)) != len(tiers) or not all(isinstance(t, str) and t for t in tiers):
             raise InputError(f"tiers: expected at least two distinct non-empty names, got {tiers!r}.")
         if len(thresholds) != len(tiers) - 1:
@@ -195,6 +207,8 @@ def fit_thresholds(
         (0.6, 0.8)
     """
     u, ok = validate_uncertainty_and_correct(uncertainty, correct)
+    if isinstance(tiers, str) or not isinstance(tiers, Sequence):
+        raise fail("tiers", "a sequence of two or three tier names", repr(tiers))
     tiers = tuple(tiers)
     given = {name: _rate(value, name) for name, value in
              (("target_review_rate", target_review_rate), ("target_auto_accuracy", target_auto_accuracy))
@@ -239,9 +253,7 @@ def _auto_threshold(u_sorted: np.ndarray, ok_sorted: np.ndarray, last_of_tie: np
 
 
 def _rate(value: Any, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-        raise InputError(f"{argument}: expected a number in [0, 1], got {value!r}.")
-    return float(value)
+    return check_number(value, argument, minimum=0, maximum=1)
 
 
 def _interval(low: float, high: float) -> str:

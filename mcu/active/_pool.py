@@ -104,7 +104,7 @@ def _kind(pool: Any) -> str:
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(pool, tf.data.Dataset):
         return "tf"
-    if hasattr(pool, "__len__") and hasattr(pool, "__getitem__"):
+    if hasattr(pool, "__len__") and hasattr(pool, "__getitem__") and not isinstance(pool, (str, bytes)):
         return "map"
     raise InputError(
         f"pool: expected a numpy array, a map-style dataset (with __len__ and __getitem__, e.g. a torch "

@@ -28,7 +28,9 @@ import csv
 import io
 import json
 import math
+import numbers
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +38,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from mcu._checks import check_choice, check_int, check_number, fail
 from mcu._seeds import derive_seed
 from mcu.active._pool import iter_chunks, pool_length, take
 from mcu.active.acquisition import get_heuristic
 from mcu.active.query import query
-from mcu.core.sampling import check_int
+from mcu.core.sampling import MAX_SEED
 from mcu.errors import InputError
 
 __all__ = ["ActiveLearningLoop", "plot_history"]
@@ -112,10 +115,16 @@ class ActiveLearningLoop:
         check_int(query_size, "query_size", minimum=1)
         check_int(budget, "budget", minimum=0, allow_none=True)
         check_int(patience, "patience", minimum=1, allow_none=True)
-        check_int(seed, "seed", minimum=0, allow_none=True)
+        check_int(seed, "seed", minimum=0, maximum=MAX_SEED, allow_none=True)
+        check_number(min_delta, "min_delta", minimum=0)
+        for name, callback in (("retrain", retrain), ("evaluate", evaluate), ("oracle", oracle)):
+            if not callable(callback) and not (name == "oracle" and callback is None):
+                raise fail(name, "a callable" + (" or None" if name == "oracle" else ""), repr(callback))
+        for name, path in (("state_path", state_path), ("export_path", export_path)):
+            if not isinstance(path, (str, os.PathLike)) and not (name == "export_path" and path is None):
+                raise fail(name, "a file path (str or os.PathLike)", repr(path))
         get_heuristic(heuristic)
-        if mode not in _MODES:
-            raise InputError(f"mode: expected 'max' (higher metric is better) or 'min', got {mode!r}.")
+        check_choice(mode, "mode", _MODES)  # "max": a higher metric is better
         if oracle is None and export_path is None:
             raise InputError(
                 "oracle: got None and no export_path; expected a callback oracle(indices) -> labels or an export_path."
@@ -259,9 +268,7 @@ class ActiveLearningLoop:
             self._export(asked)
             return False
         start = time.perf_counter()
-        labels = list(self.oracle(asked.copy()))
-        if len(labels) != len(asked):
-            raise InputError(f"oracle: expected {len(asked)} labels (one per index), got {len(labels)}.")
+        labels = _oracle_labels(self.oracle(asked.copy()), asked)
         self._charge(start)
         self._record(zip(asked.tolist(), labels))
         return True
@@ -368,8 +375,10 @@ def _pool_size(pool: Any) -> int:
 
 
 def _new_state(pool_size: int, initial_indices: Iterable[int], initial_labels: Iterable[Any]) -> dict[str, Any]:
-    indices = [int(i) for i in initial_indices]
-    labels = [_jsonable(label) for label in initial_labels]
+    indices, labels = _listed(initial_indices, "initial_indices"), _listed(initial_labels, "initial_labels")
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_)) for i in indices):
+        raise fail("initial_indices", "integer pool indices", repr(indices))
+    indices, labels = [int(i) for i in indices], [_jsonable(label) for label in labels]
     if len(indices) != len(labels):
         raise InputError(f"initial_labels: expected {len(indices)} labels (one per initial index), got {len(labels)}.")
     if len(set(indices)) != len(indices) or any(not 0 <= i < pool_size for i in indices):
@@ -382,7 +391,15 @@ def _new_state(pool_size: int, initial_indices: Iterable[int], initial_labels: I
     }
 
 
+def _listed(values: Any, argument: str) -> list[Any]:
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise fail(argument, "a sequence", repr(values))
+    return list(values)
+
+
 def _query_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    if options is not None and not isinstance(options, dict):
+        raise fail("query_options", "a dict of mcu.active.query keyword arguments or None", repr(options))
     options = dict(options or {})
     unknown = set(options) - set(_QUERY_OPTIONS)
     if unknown:
@@ -392,17 +409,66 @@ def _query_options(options: dict[str, Any] | None) -> dict[str, Any]:
 
 def _load_state(path: Path, pool_size: int) -> dict[str, Any]:
     try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"state_path: {str(path)!r} is not valid JSON ({exc}); expected a loop state file.") from exc
     if not isinstance(state, dict) or state.get("format") != _FORMAT or state.get("phase") not in _PHASES:
         raise InputError(f"state_path: {str(path)!r} is not an ActiveLearningLoop state file ({_FORMAT}).")
+    _check_state(state, path)
     if state["pool_size"] != pool_size:
         raise InputError(
             f"pool: the state in {str(path)!r} belongs to a pool of {state['pool_size']} examples, got {pool_size}; "
             "expected the same pool (or a new state_path)."
         )
     return state
+
+
+_STATE_KEYS = {"pool_size": int, "n_initial": int, "labeled": list, "history": list, "stale_rounds": int,
+               "seconds": (int, float)}
+
+
+def _check_state(state: dict[str, Any], path: Path) -> None:
+    """Raise unless the state's fields have their types and every index is a distinct position in the pool."""
+    def bad(what: str) -> InputError:
+        return InputError(f"state_path: {str(path)!r} is not a consistent ActiveLearningLoop state file: {what}.")
+
+    for key, kind in _STATE_KEYS.items():
+        if key not in state or isinstance(state[key], bool) or not isinstance(state[key], kind):
+            raise bad(f"field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+    for key in ("pending", "best", "stopped"):
+        if key not in state:
+            raise bad(f"field {key!r} is missing")
+    n = state["pool_size"]
+    labeled = state["labeled"]
+    if not all(isinstance(p, list) and len(p) == 2 and _is_index(p[0], n) for p in labeled):
+        raise bad(f"'labeled' must hold [index, label] pairs with indices in [0, {n})")
+    if len({p[0] for p in labeled}) != len(labeled) or not 0 <= state["n_initial"] <= len(labeled):
+        raise bad("'labeled' holds an index twice, or 'n_initial' exceeds it")
+    pending = state["pending"]
+    if pending is not None and not (isinstance(pending, dict) and isinstance(pending.get("indices"), list)
+                                    and isinstance(pending.get("scores"), list)
+                                    and all(_is_index(i, n) for i in pending["indices"])):
+        raise bad(f"'pending' must hold 'indices' in [0, {n}) and 'scores'")
+
+
+def _is_index(value: Any, n: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n
+
+
+def _oracle_labels(answer: Any, asked: np.ndarray) -> list[Any]:
+    """The oracle's answer as one label per asked index, in order; ``InputError`` for anything else."""
+    if answer is None or isinstance(answer, (str, bytes, dict, set, frozenset)) or not hasattr(answer, "__iter__"):
+        shown = type(answer).__qualname__ if answer is not None else "None"
+        hint = " (a mapping: return [labels[i] for i in indices])" if isinstance(answer, dict) else ""
+        raise InputError(f"oracle: expected a sequence of {len(asked)} labels aligned with the indices, "
+                         f"got {shown}{hint}.")
+    labels = list(answer)
+    if len(labels) != len(asked):
+        raise InputError(f"oracle: expected {len(asked)} labels (one per index), got {len(labels)}.")
+    missing = [int(i) for i, label in zip(asked, labels) if label is None]
+    if missing:
+        raise InputError(f"oracle: expected a label for every index, got None for indices {missing[:10]}.")
+    return labels
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -439,9 +505,12 @@ def _jsonable(label: Any) -> Any:
 
 
 def _finite(metric: Any) -> float:
-    value = float(metric)
-    if not math.isfinite(value):
-        raise InputError(f"evaluate: expected a finite float metric, got {metric!r}.")
+    try:
+        value = None if isinstance(metric, (str, bytes, bool)) else float(metric)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value):
+        raise InputError(f"evaluate: expected the callback to return a finite number, got {metric!r}.")
     return value
 
 
@@ -459,19 +528,42 @@ def _format_export(rows: list[dict[str, Any]], round_: int, suffix: str) -> byte
 
 
 def _read_labels(path: Path) -> list[tuple[int, Any]]:
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise InputError(f"path: expected a .csv or .json labels file, got {str(path)!r}.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"path: expected a readable UTF-8 {suffix} labels file, got {str(path)!r} ({exc}).") from exc
+    if suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
         if rows and not {"index", "label"} <= set(rows[0]):
             raise InputError(f"path: expected CSV columns 'index' and 'label' in {str(path)!r}, got {sorted(rows[0])}.")
-        return [(int(row["index"]), _parse_cell(row["label"])) for row in rows if row["label"].strip()]
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
-        if isinstance(data, dict) and "items" in data:
-            return [(int(item["index"]), item["label"]) for item in data["items"] if item.get("label") is not None]
-        if isinstance(data, dict):
-            return [(int(index), label) for index, label in data.items() if label is not None]
-    raise InputError(f"path: expected a .csv or .json labels file, got {str(path)!r}.")
+        return [(_index(row["index"], path, line), _parse_cell(row["label"]))
+                for line, row in enumerate(rows, start=2) if (row["label"] or "").strip()]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"path: {str(path)!r} is not valid JSON ({exc}); expected the exported labels file.") from exc
+    if isinstance(data, dict) and "items" in data and isinstance(data["items"], list):
+        items = data["items"]
+        if not all(isinstance(item, dict) and "index" in item for item in items):
+            raise InputError(f"path: expected every item of {str(path)!r} to be an object with an 'index'.")
+        return [(_index(item["index"], path), item["label"]) for item in items if item.get("label") is not None]
+    if isinstance(data, dict):
+        return [(_index(index, path), label) for index, label in data.items() if label is not None]
+    raise InputError(f"path: expected the exported structure or a mapping {{index: label}} in {str(path)!r}, "
+                     f"got a JSON {type(data).__name__}.")
+
+
+def _index(value: Any, path: Path, line: int | None = None) -> int:
+    """A pool index read from a labels file: an int, or a string of decimal digits (no "3.0", no "1e3")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
+        return int(value.strip())
+    where = f" (line {line})" if line is not None else ""
+    raise InputError(f"path: expected integer pool indices in {str(path)!r}{where}, got index {value!r}.")
 
 
 def _parse_cell(text: str) -> Any:

@@ -11,7 +11,8 @@ from mcu.active._pool import iter_chunks, pool_length
 from mcu.active.acquisition import SCORES, bald, batch_bald, get_heuristic, uniform_scores
 from mcu.core.engines import engine_function
 from mcu.core.progress import progress_bar
-from mcu.core.sampling import check_int, sample
+from mcu._checks import check_int
+from mcu.core.sampling import MAX_SEED, sample
 from mcu.errors import InputError
 
 __all__ = ["check_k", "derive_seed", "query", "score_chunk", "sorted_subset"]
@@ -93,7 +94,7 @@ def query(
     check_int(k, "k", minimum=1)
     check_int(n_samples, "n_samples", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
-    check_int(seed, "seed", minimum=0, allow_none=True)
+    check_int(seed, "seed", minimum=0, maximum=MAX_SEED, allow_none=True)
     check_int(n_candidates, "n_candidates", minimum=1, allow_none=True)
     subset_array = sorted_subset(subset)
     available = pool_length(pool) if subset_array is None else len(subset_array)
@@ -104,9 +105,16 @@ def query(
     n_chunks = None if available is None else -(-available // batch_size)
     with progress_bar(progress, total=n_chunks, desc="mcu.active.query", unit="chunk") as bar:
         for i, (indices, x) in enumerate(iter_chunks(pool, batch_size, subset_array)):
-            scores, samples = score_chunk(model, x, heuristic=heuristic, n_samples=n_samples,
-                                          seed=derive_seed(seed, i), from_logits=from_logits, strategy=strategy,
-                                          n_examples=len(indices), backend=backend, output=output)
+            try:
+                scores, samples = score_chunk(model, x, heuristic=heuristic, n_samples=n_samples,
+                                              seed=derive_seed(seed, i), from_logits=from_logits,
+                                              strategy=strategy, n_examples=len(indices), backend=backend,
+                                              output=output)
+            except InputError as exc:
+                if not str(exc).startswith("x:"):
+                    raise
+                # the pool's examples are this call's x: name the argument the caller passed
+                raise InputError(f"pool: examples {int(indices[0])} to {int(indices[-1])}: {exc}") from exc
             best.push(indices, scores, samples)
             bar.update()
     check_k(k, best.seen)

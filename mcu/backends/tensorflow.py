@@ -236,10 +236,10 @@ class KerasBackend:
         so nothing traced for it is reused for plain tensors or the other way round), or a dict/tuple of them
         (a :class:`~mcu.structured.Batch`: the model is called with the dict, or the tuple as a list)."""
         if is_structured(x):
-            return Batch.convert(x, lambda leaf, name: self._leaf(leaf, name))
-        return self._leaf(x, "x")
+            return Batch.convert(x, lambda leaf, name: self._leaf(model, leaf, name))
+        return self._leaf(model, x, "x")
 
-    def _leaf(self, x: Any, argument: str) -> tf.Tensor:
+    def _leaf(self, model: keras.layers.Layer, x: Any, argument: str) -> tf.Tensor:
         if isinstance(x, np.ndarray):
             tensor = tf.convert_to_tensor(x)
         elif isinstance(x, tf.Variable):
@@ -254,6 +254,13 @@ class KerasBackend:
                              f"them), got {type(x).__qualname__}.")
         if tensor.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(tensor))):
             raise InputError(f"{argument}: contains NaN or infinite values; expected finite inputs.")
+        compute = tf.as_dtype(getattr(model, "compute_dtype", None) or tensor.dtype)
+        # Keras casts floating inputs to the compute dtype: values beyond its range would become inf
+        narrower = tensor.dtype.is_floating and compute.is_floating and compute.size < tensor.dtype.size
+        if narrower and not bool(tf.reduce_all(tf.math.is_finite(tf.cast(tensor, compute)))):
+            raise InputError(f"{argument}: contains values beyond the range of the model's compute dtype "
+                             f"{compute.name} (given {tensor.dtype.name}); expected finite inputs after that "
+                             "conversion.")
         return tensor
 
     def _pass_function(self, model: keras.layers.Layer, session: _keras_mc.Session, x: tf.Tensor) -> Callable:

@@ -8,6 +8,7 @@ not interfere.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import warnings
@@ -176,8 +177,9 @@ class TorchBackend:
         else:
             raise InputError(f"{argument}: expected a numpy array or a torch.Tensor (or, for x, a dict or tuple of "
                              f"them), got {type(x).__qualname__}.")
-        if isinstance(x, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InputError(f"{argument}: contains NaN or infinite values; expected finite inputs.")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):  # checked after the cast
+            beyond = f" after conversion to {tensor.dtype} (values beyond its range)" if isinstance(x, np.ndarray) else ""
+            raise InputError(f"{argument}: contains NaN or infinite values{beyond}; expected finite inputs.")
         return tensor.to(device)
 
     def forward(self, model: torch.nn.Module, x: torch.Tensor | Batch) -> Any:
@@ -187,6 +189,9 @@ class TorchBackend:
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             if _out_of_memory(exc):
                 raise  # not an input problem: lower chunk_size / max_memory
+            if not _raised_by_torch(exc):  # the model's own code raised: do not blame the input
+                raise InputError(f"model: the model raised {type(exc).__name__}: {exc} (on x of per-example shape "
+                                 f"{tuple(x.shape[1:])}; the original exception is the cause)") from exc
             raise InputError(
                 f"x: the model rejected inputs of per-example shape {tuple(x.shape[1:])} and dtype {x.dtype} "
                 f"(a pass of {x.shape[0]} rows): {exc}"
@@ -277,6 +282,14 @@ class TorchBackend:
         if t.dtype in (torch.bfloat16, torch.float16):
             t = t.float()
         return t.cpu().numpy()
+
+
+def _raised_by_torch(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of ``exc`` is torch's (an op refused its tensors), not the model's."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or tb.tb_frame.f_code.co_filename.startswith(os.path.dirname(torch.__file__))
 
 
 class _ActivationMeter:

@@ -7,6 +7,7 @@ from typing import Any
 
 from mcu.backends import detect, installed_frameworks
 from mcu.config import configured_backend
+from mcu.errors import MCUError
 
 __all__ = ["backend_info", "format_info"]
 
@@ -19,10 +20,16 @@ def backend_info(model: Any = None) -> dict[str, Any]:
 
     Returns:
         ``{"python": ..., "frameworks": {"torch": "2.13.0" | None, "tensorflow": ...},
-        "selected": name | None, "reason": str}``.
+        "selected": name | None, "reason": str}``, and ``"error": message`` when the configuration is invalid
+        (every call would then raise that error; the report says so instead of raising).
     """
     frameworks = installed_frameworks()
-    choice = configured_backend()
+    try:
+        choice = configured_backend()
+    except MCUError as exc:
+        return {"python": platform.python_version(), "frameworks": frameworks, "selected": None,
+                "reason": "invalid configuration: every call without backend= fails until it is fixed",
+                "error": str(exc)}
     if choice is not None:
         selected, reason = choice.name, choice.reason
     elif model is not None and detect(model) is not None:
@@ -41,4 +48,6 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"{name:<11} {version or 'not installed'}")
     lines.append(f"backend     {info['selected'] or '(per model)'}")
     lines.append(f"why         {info['reason']}")
+    if info.get("error"):
+        lines.append(f"error       {info['error']}")
     return "\n".join(lines)

@@ -16,7 +16,8 @@ from scipy import stats
 from mcu._seeds import derive_seeds
 from mcu.core.engines import engine_function
 from mcu.core.progress import progress_bar
-from mcu.core.sampling import SamplingSession, check_choice, check_int
+from mcu._checks import check_choice, check_int
+from mcu.core.sampling import MAX_SEED, SamplingSession
 from mcu.core.scoring import TASKS, check_stopping_rule, n_rows, score_batch
 from mcu.structured import take_rows
 from mcu.errors import InputError
@@ -27,6 +28,8 @@ __all__ = ["DEFAULT_BATCH", "Prediction", "predict"]
 DEFAULT_BATCH = 1024
 #: the seed of each example batch (the old name of :func:`mcu._seeds.derive_seeds`)
 batch_seeds = derive_seeds
+#: What ``**sample_options`` may hold with ``engine="local"``.
+SAMPLE_OPTIONS = ("chunk_size", "precision", "backend", "mode", "max_memory", "workers", "output")
 
 
 class Prediction:
@@ -152,7 +155,12 @@ def predict(
         return remote(model, x, n_samples, task=task, from_logits=from_logits, seed=seed, strategy=strategy,
                            batch_size=batch_size, tol=tol, max_samples=max_samples, score=score, noise_var=noise_var,
                            heteroscedastic=heteroscedastic, progress=progress, **sample_options)
+    unknown = sorted(set(sample_options) - set(SAMPLE_OPTIONS))
+    if unknown:
+        raise InputError(f"{unknown[0]}: unknown keyword argument of mcu.predict; expected one of the documented "
+                         f"arguments or sample options {', '.join(SAMPLE_OPTIONS)}.")
     check_choice(task, "task", TASKS)
+    check_int(seed, "seed", minimum=0, maximum=MAX_SEED, allow_none=True)
     score = check_stopping_rule(n_samples, tol, max_samples, score, task)
     n = n_rows(x)
     check_int(batch_size, "batch_size", minimum=1, allow_none=True)

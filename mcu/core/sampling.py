@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numbers
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from mcu._checks import check_choice, check_int
 from mcu.backends import resolve
 from mcu.backends.base import MODES, PRECISIONS
 from mcu.errors import DropoutSiteWarning, InputError
@@ -18,21 +19,23 @@ from mcu.strategies import STRATEGIES, Plan
 from mcu.strategies.auto import prepare
 from mcu.strategies.base import SeedStream
 
-__all__ = ["SampleInfo", "SamplingSession", "sample"]
+__all__ = ["MAX_ROWS", "MAX_SAMPLES", "MAX_SEED", "SampleInfo", "SamplingSession", "sample"]
+
+#: Most samples one call (or one session) may draw: the per-sample seeds are distinct 32-bit words up to here.
+MAX_SAMPLES = 1 << 32
+#: Largest seed, the same for every backend (seeds are 64-bit words).
+MAX_SEED = (1 << 64) - 1
+#: Largest ``chunk_size``: rows of one forward pass are indexed with 32-bit integers by some kernels.
+MAX_ROWS = (1 << 31) - 1
 
 
-def check_int(value: Any, argument: str, *, minimum: int, allow_none: bool = False) -> None:
-    """Raise :class:`InputError` unless ``value`` is an integer ``>= minimum`` (bools are rejected)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        expected = f"an integer >= {minimum}" + (" or None" if allow_none else "")
-        raise InputError(f"{argument}: expected {expected}, got {value!r}.")
-
-
-def check_choice(value: Any, argument: str, choices: tuple[str, ...] | list[str]) -> None:
-    if value not in choices:
-        raise InputError(f"{argument}: expected one of {', '.join(map(repr, choices))}, got {value!r}.")
+def _leaves(x: Any) -> list[tuple[str, Any]]:
+    """``x``'s inputs with their argument names (one, or each of a dict/tuple)."""
+    if isinstance(x, dict):
+        return [(f"x[{k!r}]", v) for k, v in x.items()]
+    if isinstance(x, tuple):
+        return [(f"x[{i}]", v) for i, v in enumerate(x)]
+    return [("x", x)]
 
 
 @dataclass
@@ -82,12 +85,16 @@ class SamplingSession:
         check_choice(strategy, "strategy", ["auto", *STRATEGIES])
         check_choice(precision, "precision", PRECISIONS)
         check_choice(mode, "mode", MODES)
-        check_int(chunk_size, "chunk_size", minimum=1, allow_none=True)
-        check_int(seed, "seed", minimum=0, allow_none=True)
+        check_int(chunk_size, "chunk_size", minimum=1, maximum=MAX_ROWS, allow_none=True)
+        check_int(seed, "seed", minimum=0, maximum=MAX_SEED, allow_none=True)
         check_int(max_memory, "max_memory", minimum=1, allow_none=True)
         check_int(workers, "workers", minimum=1, allow_none=True)
         if not (output is None or callable(output) or (isinstance(output, (str, int)) and not isinstance(output, bool))):
             raise InputError(f"output: expected {OUTPUT_HELP}, got {output!r}.")
+        for name, leaf in _leaves(x):
+            if isinstance(leaf, np.ndarray) and leaf.dtype.kind not in "biufc":
+                raise InputError(f"{name}: expected an array of numbers (bool, int, float or complex), got dtype "
+                                 f"{leaf.dtype}.")
         impl, choice = resolve(model, backend)
         impl.dropout_layers(model)  # NoDropoutError before any work
         model = impl.model_for_precision(model, precision)
@@ -129,7 +136,7 @@ class SamplingSession:
 
     def draw(self, n_samples: int) -> np.ndarray:
         """``n_samples`` more samples, shape ``(n_samples, N, *out)``."""
-        check_int(n_samples, "n_samples", minimum=1)
+        check_int(n_samples, "n_samples", minimum=1, maximum=MAX_SAMPLES - self.info.n_samples)
         if not self._entered:
             raise RuntimeError("SamplingSession.draw must be called inside its `with` block")
         start = time.perf_counter()
@@ -137,7 +144,7 @@ class SamplingSession:
         done = 0
         for chunk in self.strategy.draw(self.plan, n_samples):
             if out is None:  # allocate once: no list of chunks, no concatenate copy
-                out = np.empty((n_samples,) + chunk.shape[1:], dtype=chunk.dtype)
+                out = _allocate((n_samples,) + chunk.shape[1:], chunk.dtype)
             out[done : done + len(chunk)] = chunk
             done += len(chunk)
         self.info.n_samples += n_samples
@@ -151,6 +158,41 @@ class SamplingSession:
                     "output (rates too small, or dropout on a path the output does not use); the spread is zero.",
                     DropoutSiteWarning, stacklevel=3)
         return out
+
+
+def _allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The samples array, refused before it exists when it cannot fit in the memory available now."""
+    need = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    available = available_memory()
+    if available is not None and need > available:
+        raise InputError(
+            f"n_samples: expected at most {available // max(1, need // shape[0]):,} samples here (the samples array "
+            f"{shape} would take {need / 2**30:.1f} GiB; {available / 2**30:.1f} GiB of memory is available), got "
+            f"{shape[0]:,}. Draw fewer, or use mcu.predict, whose memory does not grow with n_samples."
+        )
+    try:
+        return np.empty(shape, dtype=dtype)
+    except MemoryError as exc:
+        raise InputError(
+            f"n_samples: expected fewer samples; the samples array {shape} ({need / 2**30:.1f} GiB) could not be "
+            "allocated. Draw fewer, or use mcu.predict, whose memory does not grow with n_samples."
+        ) from exc
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; else the physical memory);
+    ``None`` where neither is known."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def sample(
@@ -176,8 +218,10 @@ def sample(
         x: a batch, batch axis first: a numpy array or the framework's own tensor (any rank). numpy floating
             arrays are converted to the model's parameter dtype (PyTorch) or left to Keras' autocasting. A dict
             of them (``{"input_ids": ids, "attention_mask": mask}``) is passed by name (``model(**x)``), a tuple
-            in order (``model(*x)``); every input shares the batch axis (PyTorch; Keras: one array).
-        n_samples: number of stochastic passes ``T`` (>= 1).
+            in order (``model(*x)``; Keras: the dict, or the tuple as a list); every input shares the batch axis.
+        n_samples: number of stochastic passes ``T``, from 1 to ``2**32`` (:data:`MAX_SAMPLES`). The samples
+            array must fit in the memory available when the first block is done: a larger request raises
+            :class:`~mcu.errors.InputError` before the array is allocated (``mcu.predict`` streams instead).
         strategy: ``"auto"``, ``"loop"``, ``"vectorized"``, ``"prefix"`` or ``"parallel"`` (see
             :mod:`mcu.strategies`); all are exact. ``"auto"`` probes the candidates once per model and input
             shape and keeps the fastest.
@@ -185,7 +229,8 @@ def sample(
         max_memory: bytes the stacked copies may take (default: about one full pass, at least 4 MB).
         workers: threads for ``"parallel"`` (default: the CPU count).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; warns where the hardware lacks support).
-        seed: makes the call reproducible without touching the global random state.
+        seed: an integer in ``[0, 2**64 - 1]``; makes the call reproducible without touching the global random
+            state.
         backend: ``"torch"`` or ``"tensorflow"`` (aliases ``"pytorch"``, ``"tf"``, ``"keras"``); see
             :mod:`mcu.config` for the resolution order when omitted.
         mode: ``"dropout"`` (only dropout stochastic; BatchNorm uses running statistics) or ``"training"``
@@ -205,7 +250,7 @@ def sample(
     The model is left exactly as it was — training flags, weights, BatchNorm statistics, dropout seed
     state — whether the call returns or raises. No gradients are recorded.
     """
-    check_int(n_samples, "n_samples", minimum=1)
+    check_int(n_samples, "n_samples", minimum=1, maximum=MAX_SAMPLES)
     session = SamplingSession(
         model, x, strategy=strategy, chunk_size=chunk_size, precision=precision, seed=seed,
         backend=backend, mode=mode, max_memory=max_memory, workers=workers, n_samples_hint=n_samples,

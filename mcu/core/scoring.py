@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mcu.core.sampling import SamplingSession, check_choice, check_int
+from mcu._checks import check_choice, check_int
+from mcu.core.sampling import MAX_SAMPLES, SamplingSession
 from mcu.errors import InputError
 from mcu.metrics.streaming import ClassificationAccumulator, RegressionAccumulator
 from mcu.structured import rows
@@ -51,12 +52,12 @@ def check_stopping_rule(n_samples: Any, tol: Any, max_samples: Any, score: str |
     ``max_samples >= 2``). ``score`` defaults to the task's first stopping score (``mutual_information`` for
     classification, ``predictive_mean`` for regression).
     """
-    if n_samples == "auto":
+    if isinstance(n_samples, str) and n_samples == "auto":
         if not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not tol > 0:
             raise InputError(f"tol: expected a positive number with n_samples='auto', got {tol!r}.")
-        check_int(max_samples, "max_samples", minimum=2)
+        check_int(max_samples, "max_samples", minimum=2, maximum=MAX_SAMPLES)
     else:
-        check_int(n_samples, "n_samples", minimum=1)
+        check_int(n_samples, "n_samples", minimum=1, maximum=MAX_SAMPLES)
         if tol is not None:
             raise InputError(f"tol: only used with n_samples='auto', got tol={tol!r} with n_samples={n_samples!r}.")
     score = score or _SCORES[task][0]
@@ -118,7 +119,11 @@ def score_batch(
     session = SamplingSession(model, x, strategy=strategy, seed=seed, n_samples_hint=target, **sample_options)
     with session:
         chunk = session.draw(first)
-        acc.update(chunk)
+        try:
+            acc.update(chunk)
+        except InputError as exc:  # the accumulator's "chunk" is the model's output: say so
+            raise InputError(f"model: its outputs of shape {chunk.shape[1:]} per sample cannot be summarised with "
+                             f"task={task!r}, from_logits={from_logits!r}: {exc}") from exc
         per_sample = max(1, chunk[0].nbytes)
         while acc.n_samples < target:
             if n_samples == "auto" and np.nanmax(acc.standard_error(score)) < tol:

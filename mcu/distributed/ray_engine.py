@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import numbers
 import os
 import re
 import sys
@@ -42,7 +41,7 @@ from mcu.active.acquisition import SCORES, batch_bald, get_heuristic
 from mcu._seeds import derive_seed
 from mcu.active.query import check_k, score_chunk, sorted_subset
 from mcu.core.predict import DEFAULT_BATCH
-from mcu.core.sampling import check_choice, check_int
+from mcu._checks import check_choice, check_int, check_number
 from mcu.core.scoring import TASKS, check_stopping_rule, score_batch
 from mcu.distributed.loading import ModelSource, describe, load_model
 from mcu.distributed.results import prediction_from_table, read_prediction, to_table
@@ -265,11 +264,7 @@ def _make_pool(data: Any, column: Any, shape: Any, id_column: str | None) -> Poo
     )
 
 
-def _check_number(value: Any, argument: str, *, minimum: float, strict: bool) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        raise InputError(f"{argument}: expected a number {'>' if strict else '>='} {minimum}, got {value!r}.")
+_check_number = check_number  # the shared check (NaN and infinities refused)
 
 
 def _check_cluster_args(num_workers: Any, cpus_per_worker: Any, gpus_per_worker: Any, chunks_per_task: Any,

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from mcu.errors import InputError
+from mcu._checks import check_bool, check_int, check_number
+from mcu._checks import fail as _fail
 
 __all__ = [
     "as_float_array",
@@ -34,10 +35,6 @@ __all__ = [
 ]
 
 _NUMERIC_KINDS = "biuf"
-
-
-def _fail(argument: str, expected: str, got: str) -> InputError:
-    return InputError(f"{argument}: expected {expected}, got {got}.")
 
 
 def as_numeric_array(value: Any, argument: str) -> np.ndarray:
@@ -122,22 +119,14 @@ def check_probabilities(array: np.ndarray, argument: str, *, input_dtype: np.dty
         )
 
 
-def check_bool(value: Any, argument: str) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise _fail(argument, "True or False", repr(value))
-
-
 def check_positive_int(value: Any, argument: str, *, minimum: int = 1) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise _fail(argument, f"an integer >= {minimum}", repr(value))
-    return int(value)
+    """:func:`mcu._checks.check_int` with ``minimum`` (default 1)."""
+    return check_int(value, argument, minimum=minimum)  # type: ignore[return-value]
 
 
 def check_level(level: Any, argument: str = "level") -> float:
     """Raise unless ``0 < level < 1``; return it as a float."""
-    if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Real) or not 0.0 < level < 1.0:
-        raise _fail(argument, "a number strictly between 0 and 1 (e.g. 0.95)", repr(level))
-    return float(level)
+    return check_number(level, argument, minimum=0, maximum=1, strict=True)  # type: ignore[return-value]
 
 
 def log_base(base: Any) -> float:

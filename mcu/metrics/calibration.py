@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from mcu._checks import check_int
 from mcu.errors import InputError
 from mcu.metrics._validation import (
     as_float_array,
     as_labels,
     check_finite,
     check_ndim,
-    check_positive_int,
     check_probabilities,
 )
 
@@ -70,6 +70,10 @@ class ReliabilityDiagram:
     ece: float
 
 
+#: Most bins of a reliability diagram (each bin costs a few float64 per array; beyond this, memory, not insight).
+MAX_BINS = 1 << 20
+
+
 def reliability_diagram(probs: Any, labels: Any, n_bins: int = 15) -> ReliabilityDiagram:
     """Bin the examples by confidence and compare accuracy with confidence in each bin.
 
@@ -79,7 +83,7 @@ def reliability_diagram(probs: Any, labels: Any, n_bins: int = 15) -> Reliabilit
     Args:
         probs: Predicted probabilities (e.g. mean MC-dropout probabilities).
         labels: True class of each example.
-        n_bins: Number of equal-width bins.
+        n_bins: Number of equal-width bins, 1 to :data:`MAX_BINS`.
 
     Returns:
         A :class:`ReliabilityDiagram` holding the bins and the ECE.
@@ -88,7 +92,8 @@ def reliability_diagram(probs: Any, labels: Any, n_bins: int = 15) -> Reliabilit
         probs: ``(N, C)``, N >= 1; labels: ``(N,)``.
 
     Raises:
-        InputError: wrong shapes, invalid probabilities, labels outside ``[0, C)``, or ``n_bins < 1``.
+        InputError: wrong shapes, invalid probabilities, labels outside ``[0, C)``, or ``n_bins`` outside
+            ``[1, MAX_BINS]``.
 
     Example:
         >>> import numpy as np
@@ -99,7 +104,7 @@ def reliability_diagram(probs: Any, labels: Any, n_bins: int = 15) -> Reliabilit
         0.3
     """
     array, label_arr = _probs_and_labels(probs, labels)
-    n_bins = check_positive_int(n_bins, "n_bins")
+    n_bins = check_int(n_bins, "n_bins", minimum=1, maximum=MAX_BINS)
     conf = array.max(axis=1)
     correct = (np.argmax(array, axis=1) == label_arr).astype(np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)

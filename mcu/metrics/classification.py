@@ -57,10 +57,17 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis in float64, for any finite logits: a gap to the largest logit beyond the
+    float64 range (logits near +/-1e308) gives ``-inf``, i.e. a probability of exactly 0, never NaN."""
+    with np.errstate(over="ignore"):
+        return log_softmax(logits, axis=-1)
+
+
 def _probabilities(samples: Any, from_logits: bool) -> np.ndarray:
     """Validated float64 probabilities ``(T, N, C)``."""
     array = validate_classification_samples(samples, from_logits)
-    return np.exp(log_softmax(array, axis=-1)) if from_logits else array
+    return np.exp(_log_softmax(array)) if from_logits else array
 
 
 def probabilities_and_entropies(
@@ -74,9 +81,9 @@ def probabilities_and_entropies(
     array = validate_classification_samples(samples, from_logits, argument)
     if not from_logits:
         return array, _entropy_nats(array)
-    log_p = log_softmax(array, axis=-1)
+    log_p = _log_softmax(array)
     probs = np.exp(log_p)
-    return probs, -np.sum(probs * log_p, axis=-1)
+    return probs, -np.sum(probs * np.where(probs > 0, log_p, 0.0), axis=-1)  # 0 log 0 = 0
 
 
 _probabilities_and_entropies = probabilities_and_entropies  # the name the other metric modules use

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from mcu._checks import check_int, check_number
 from mcu.errors import InputError
 from mcu.metrics._validation import as_numeric_array, check_positive_int, log_base
 from mcu.metrics.classification import _probabilities_and_entropies
@@ -148,6 +149,7 @@ def convergence_curve(
     if not callable(statistic):
         raise InputError(f"statistic: expected a function of the samples, got {statistic!r}.")
     n_bootstrap = check_positive_int(n_bootstrap, "n_bootstrap", minimum=2)
+    check_int(seed, "seed", minimum=0, allow_none=True)
     ts_arr = _check_ts(ts, array.shape[0])
     rng = np.random.default_rng(seed)
     estimates, errors = [], []
@@ -183,8 +185,7 @@ def smallest_sufficient_t(curve: ConvergenceCurve, tol: float) -> int | None:
     """
     if not isinstance(curve, ConvergenceCurve):
         raise InputError(f"curve: expected a ConvergenceCurve (from convergence_curve), got {type(curve).__name__}.")
-    if not (np.isscalar(tol) and np.isfinite(tol) and tol > 0):
-        raise InputError(f"tol: expected a positive number, got {tol!r}.")
+    check_number(tol, "tol", minimum=0, strict=True)
     worst = curve.standard_errors.reshape(len(curve.ts), -1).max(axis=1, initial=0.0)
     ok = np.flatnonzero(worst <= tol)
     return int(curve.ts[ok[0]]) if ok.size else None

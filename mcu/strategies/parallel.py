@@ -8,6 +8,7 @@ seed derived from the session seed, and blocks are returned in order.
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
@@ -26,14 +27,13 @@ class ParallelStrategy:
     def draw(self, plan: Plan, n_samples: int) -> Iterator[np.ndarray]:
         if plan.split is None:
             raise RuntimeError("the parallel strategy needs plan.split (prepared by mcu.strategies.auto.prepare)")
-        frontier, blocks = plan_blocks(plan, n_samples)
-        workers = min(plan.workers or os.cpu_count() or 1, len(blocks))
+        frontier, blocks, count = plan_blocks(plan, n_samples)
+        workers = min(plan.workers or os.cpu_count() or 1, count)
         # The calling thread is one of the workers: one thread (and one allocator arena, which keeps what its
         # blocks allocated) fewer than a pool of `workers` threads. At most `workers` blocks are in flight.
         with plan.backend.worker_threads(workers), ThreadPoolExecutor(max(1, workers - 1),
                                                                       thread_name_prefix="mcu") as pool:
-            for start in range(0, len(blocks), workers):
-                group = blocks[start : start + workers]
+            while group := list(itertools.islice(blocks, workers)):
                 futures: list[Future] = [pool.submit(_worker, plan, frontier, sources) for sources in group[1:]]
                 try:
                     yield run_block(plan, frontier, group[0])
