@@ -748,7 +748,7 @@ class KerasSplit:
                 )
         if not stochastic:
             return function(list(frontier))
-        return function(list(frontier), tf.constant(session.stream.take(1)))
+        return function(list(frontier), session.stream.next_key())
 
     # -- validation -------------------------------------------------------------------------------------------
     def validate(self, x: Any, copies: int = 2) -> str | None:

@@ -242,20 +242,36 @@ def record(t: Any) -> Any:
 
 class KeyStream:
     """Per-pass keys of a session: pass ``i`` gets ``splitmix64(base + i)`` (distinct for distinct ``i``);
-    ``base`` from ``np.random.SeedSequence(seed)`` (fresh entropy without a seed)."""
+    ``base`` from ``np.random.SeedSequence(seed)`` (fresh entropy without a seed). :meth:`next_key` hands out
+    tensors from blocks converted at once (a conversion per pass would cost more than a small model's pass)."""
+
+    BLOCK = 64
 
     def __init__(self, seed: int | None) -> None:
         words = np.random.SeedSequence(seed).generate_state(2, np.uint32)
         self._base = (int(words[0]) << 32) | int(words[1])
         self._next = 0
+        self._ready: list[tf.Tensor] = []
         self._lock = threading.Lock()
 
-    def take(self, n: int = 1) -> np.ndarray:
+    def _keys(self, n: int) -> np.ndarray:
         from mcu.backends import _keys
 
-        with self._lock:
-            start, self._next = self._next, self._next + n
+        start, self._next = self._next, self._next + n
         return _keys.sample_keys([self._base + start + i for i in range(n)])
+
+    def take(self, n: int = 1) -> np.ndarray:
+        """The next ``n`` keys, ``(n,)`` uint64."""
+        with self._lock:
+            return self._keys(n)
+
+    def next_key(self) -> tf.Tensor:
+        """The next key as a ``(1,)`` uint64 tensor."""
+        with self._lock:
+            if not self._ready:
+                with tf.init_scope():  # eager tensors, also when asked while a function is traced
+                    self._ready = tf.unstack(tf.constant(self._keys(self.BLOCK).reshape(-1, 1)))[::-1]
+            return self._ready.pop()
 
 
 @dataclass(frozen=True)

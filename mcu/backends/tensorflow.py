@@ -304,7 +304,7 @@ class KerasBackend:
         session = _keras_mc.session(model)
         if session is None or session.mode is None:
             raise RuntimeError("KerasBackend.forward must run inside mc_mode()")
-        key = tf.constant(session.stream.take(1))
+        key = session.stream.next_key()
         try:
             if _keras_mc.metering_now():  # traced by activation_bytes: run the Python, seen with static shapes
                 return self._pass_body(model, session)[0](x, key)

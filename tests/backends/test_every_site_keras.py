@@ -330,3 +330,11 @@ def test_a_site_that_never_runs_is_reported():
     model(np.zeros((1, 3), np.float32))
     with pytest.raises(mcu.NoDropoutError, match="never ran"):
         mcu.sample(model, np.ones((2, 3), np.float32), 3, strategy="loop")
+
+
+def test_auto_says_why_a_model_cannot_be_split():
+    model, x = _build(multi_head_attention, (5, 8))  # the attention (a site) reads the input directly
+    samples, info = mcu.sample(model, x, 8, return_info=True)
+    assert "no split" in info.strategy_reason and "first operation after every input is stochastic" in \
+        info.strategy_reason and "multi_head_attention" in info.strategy_reason
+    assert not np.allclose(samples[0], samples[1])
