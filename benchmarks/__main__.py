@@ -21,6 +21,7 @@ from benchmarks import external, suite
 from benchmarks.machine import machine_info
 from benchmarks.report import text, write_all
 from benchmarks.workloads import WORKLOADS, custom_workload
+from mcu.core.progress import show_progress
 
 PROFILES = {  # values of suite.Settings fields (workloads by name)
     "quick": {
@@ -92,7 +93,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", type=Path, default=Path("bench-results"), help="output folder (default ./bench-results)")
     p.add_argument("--markdown", metavar="PATH", type=Path, help="also write the tables as Markdown to this file")
     p.add_argument("--plan", action="store_true", help="print the plan and the estimated time, run nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
+    bar.add_argument("--no-progress", action="store_true", help="no progress bar (default: MCU_PROGRESS, else a "
+                     "bar only on a terminal)")
     return p
 
 
@@ -184,7 +188,7 @@ class Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=round(total), unit="s", file=sys.stderr, disable=None, dynamic_ncols=True,
+                self.bar = tqdm(total=round(total), unit="s", file=sys.stderr, disable=False, dynamic_ncols=True,
                                 bar_format="{l_bar}{bar}| est. {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]")
             except ImportError:
                 pass
@@ -229,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{describe(settings)}", flush=True)
     if args.plan:
         return 0
-    progress = Progress(estimate, bar=not args.no_progress)
+    progress = Progress(estimate, bar=show_progress(True if args.progress else False if args.no_progress else None))
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
     try:
