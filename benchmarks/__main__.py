@@ -5,6 +5,8 @@ Examples:
     mcu bench --full --markdown benchmarks/RESULTS.md  # the whole suite (under 30 minutes on 2 cores)
     mcu bench --model mypkg.models:make_model --input-shape 3,32,32 --backend torch
     mcu bench --plan --full                            # print the plan and the time estimate, run nothing
+    mcu bench --workloads transformer --strategies loop,vectorized,auto --precisions fp32,bf16 \
+        --externals article-loop                       # BERT / Keras encoder, N=8, T=30, with matmul peaks
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ PROFILES = {  # values of suite.Settings fields (workloads by name)
         "case_seconds": 15.0,
     },
     "full": {
-        "workloads": list(WORKLOADS), "cases": [(n, t) for n in (1, 64, 1024) for t in (10, 50, 100, 200)],
+        "workloads": [w for w in WORKLOADS if not WORKLOADS[w].transformer],
+        "cases": [(n, t) for n in (1, 64, 1024) for t in (10, 50, 100, 200)],
         "repeats": 5, "precisions": ["fp32", "bf16", "fp16"], "precision_cases": {"fp16": [(64, 100), (1, 100)]},
         "max_case_gflop": 100.0, "memory_cases": [(64, 100)], "memory_jobs": 2, "precision_case": (64, 100),
         "convergence_seeds": 5, "convergence_n": 32, "max_run_seconds": 15.0, "case_seconds": 12.0,
@@ -113,6 +116,13 @@ def settings_from(args: argparse.Namespace) -> suite.Settings:
         names = args.workloads or values["workloads"]
         _check("--workloads", names, WORKLOADS)
         values["workloads"] = [WORKLOADS[w] for w in names]
+        own = [c for w in values["workloads"] for c in w.cases]
+        if own and all(w.cases for w in values["workloads"]) and not (args.n or args.t):
+            # workloads with their own sizes (the transformer): those cases, and the studies at the largest
+            cases = list(dict.fromkeys(own))
+            largest = max(cases, key=lambda c: c[0] * c[1])
+            values.update(cases=cases, memory_cases=[largest], memory_workloads=None, precision_case=largest,
+                          convergence_ts=sorted({t for _, t in cases} | {10}), convergence_n=largest[0])
     from mcu.strategies import STRATEGIES  # imports no framework
 
     values["strategies"] = args.strategies or ["auto", *[s for s in STRATEGIES if s != "auto"]]
