@@ -39,8 +39,8 @@ import numpy as np
 from mcu.active._pool import iter_chunks, pool_length, take
 from mcu.active.acquisition import get_heuristic
 from mcu.active.query import derive_seed, query
-from mcu.core.progress import env_progress
 from mcu.core.sampling import check_int
+from mcu.core.progress import env_progress  # noqa: I001 - kept apart from the query import
 from mcu.errors import InputError
 
 __all__ = ["ActiveLearningLoop", "plot_history"]
