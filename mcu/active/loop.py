@@ -40,7 +40,6 @@ from mcu.active._pool import iter_chunks, pool_length, take
 from mcu.active.acquisition import get_heuristic
 from mcu.active.query import derive_seed, query
 from mcu.core.sampling import check_int
-from mcu.core.progress import env_progress  # noqa: I001 - kept apart from the query import
 from mcu.errors import InputError
 
 __all__ = ["ActiveLearningLoop", "plot_history"]
@@ -243,6 +242,8 @@ class ActiveLearningLoop:
         unlabeled = self.unlabeled_indices
         k = min(self.query_size, len(unlabeled), math.inf if self.budget is None else self.budget - self.n_queried)
         round_ = len(self.history)
+        from mcu.core.progress import env_progress
+
         # a bar per round's query only when asked for (query_options or MCU_PROGRESS): rounds are many
         options = {"progress": env_progress() or False, **self.query_options}
         indices, scores = query(
