@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         result = run(args.seed, args.samples, args.epochs)
     print(f"trained in {result['train_s']:.1f} s; test accuracy {result['accuracy']:.3f} with the MC-dropout "
           f"mean ({result['accuracy_deterministic']:.3f} with one deterministic pass); "
-          f"mcu.predict on {3 * len(result['y_test'])} documents x T={result['n_samples']}: {result['predict_s']:.1f} s")
+          f"mcu.predict on {3 * len(result['y_test'])} documents x T={result['n_samples']}: "
+          f"{result['predict_s']:.1f} s")
     for name in result["unseen"]:
         print(f"{name:>12} vs test documents: AUROC mutual information {result['auroc_mi'][name]:.3f}, "
               f"predictive entropy {result['auroc_entropy'][name]:.3f}")

@@ -75,7 +75,8 @@ def test_argument_beats_the_environment_variable(stderr, monkeypatch):
 def test_bad_environment_value_names_the_variable(stderr, monkeypatch, value):
     stderr(True)
     monkeypatch.setenv(ENV_VAR, value)
-    with pytest.raises(InputError, match=rf"MCU_PROGRESS environment variable: expected 1, 0, true or false, got {value!r}"):
+    expected = rf"MCU_PROGRESS environment variable: expected 1, 0, true or false, got {value!r}"
+    with pytest.raises(InputError, match=expected):
         show_progress(None)
     assert show_progress(True) is True  # an explicit argument does not read the variable
 
@@ -166,8 +167,9 @@ def test_active_learning_loop_queries_without_bars_unless_asked(stderr, monkeypa
 
     def run(name, **options):
         loop = ActiveLearningLoop(pool, retrain=lambda i, y: None, evaluate=lambda m: 0.0,
-                                  state_path=tmp_path / name / "s.json", query_size=2, oracle=lambda i: np.zeros(len(i)),
-                                  initial_indices=[0], initial_labels=[0], budget=2, seed=0, query_options=options)
+                                  state_path=tmp_path / name / "s.json", query_size=2,
+                                  oracle=lambda i: np.zeros(len(i)), initial_indices=[0], initial_labels=[0],
+                                  budget=2, seed=0, query_options=options)
         loop.run()
         return seen.pop()
 
