@@ -5,6 +5,8 @@ Examples:
     mcu bench --full --markdown benchmarks/RESULTS.md  # the whole suite (under 30 minutes on 2 cores)
     mcu bench --model mypkg.models:make_model --input-shape 3,32,32 --backend torch
     mcu bench --plan --full                            # print the plan and the time estimate, run nothing
+    mcu bench --workloads transformer --strategies loop,vectorized,auto --precisions fp32,bf16 \
+        --externals article-loop                       # BERT / Keras encoder, N=8, T=30, with matmul peaks
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from benchmarks import external, suite
 from benchmarks.machine import machine_info
 from benchmarks.report import text, write_all
 from benchmarks.workloads import WORKLOADS, custom_workload
+from mcu.core.progress import show_progress
 
 PROFILES = {  # values of suite.Settings fields (workloads by name)
     "quick": {
@@ -30,7 +33,8 @@ PROFILES = {  # values of suite.Settings fields (workloads by name)
         "case_seconds": 15.0,
     },
     "full": {
-        "workloads": list(WORKLOADS), "cases": [(n, t) for n in (1, 64, 1024) for t in (10, 50, 100, 200)],
+        "workloads": [w for w in WORKLOADS if not WORKLOADS[w].transformer],
+        "cases": [(n, t) for n in (1, 64, 1024) for t in (10, 50, 100, 200)],
         "repeats": 5, "precisions": ["fp32", "bf16", "fp16"], "precision_cases": {"fp16": [(64, 100), (1, 100)]},
         "max_case_gflop": 100.0, "memory_cases": [(64, 100)], "memory_jobs": 2, "precision_case": (64, 100),
         "convergence_seeds": 5, "convergence_n": 32, "max_run_seconds": 15.0, "case_seconds": 12.0,
@@ -92,7 +96,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", type=Path, default=Path("bench-results"), help="output folder (default ./bench-results)")
     p.add_argument("--markdown", metavar="PATH", type=Path, help="also write the tables as Markdown to this file")
     p.add_argument("--plan", action="store_true", help="print the plan and the estimated time, run nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", action="store_true", help="a progress bar even when stderr is not a terminal")
+    bar.add_argument("--no-progress", action="store_true", help="no progress bar (default: MCU_PROGRESS, else a "
+                     "bar only on a terminal)")
     return p
 
 
@@ -109,6 +116,13 @@ def settings_from(args: argparse.Namespace) -> suite.Settings:
         names = args.workloads or values["workloads"]
         _check("--workloads", names, WORKLOADS)
         values["workloads"] = [WORKLOADS[w] for w in names]
+        own = [c for w in values["workloads"] for c in w.cases]
+        if own and all(w.cases for w in values["workloads"]) and not (args.n or args.t):
+            # workloads with their own sizes (the transformer): those cases, and the studies at the largest
+            cases = list(dict.fromkeys(own))
+            largest = max(cases, key=lambda c: c[0] * c[1])
+            values.update(cases=cases, memory_cases=[largest], memory_workloads=None, precision_case=largest,
+                          convergence_ts=sorted({t for _, t in cases} | {10}), convergence_n=largest[0])
     from mcu.strategies import STRATEGIES  # imports no framework
 
     values["strategies"] = args.strategies or ["auto", *[s for s in STRATEGIES if s != "auto"]]
@@ -184,7 +198,7 @@ class Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=round(total), unit="s", file=sys.stderr, disable=None, dynamic_ncols=True,
+                self.bar = tqdm(total=round(total), unit="s", file=sys.stderr, disable=False, dynamic_ncols=True,
                                 bar_format="{l_bar}{bar}| est. {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]")
             except ImportError:
                 pass
@@ -248,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{describe(settings)}", flush=True)
     if args.plan:
         return 0
-    progress = Progress(estimate, bar=not args.no_progress)
+    progress = Progress(estimate, bar=show_progress(True if args.progress else False if args.no_progress else None))
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from benchmarks.machine import summary
 
 __all__ = ["markdown", "tables", "text", "write_all"]
 
-SECTIONS = ("timing", "memory", "precision", "convergence")
+SECTIONS = ("timing", "memory", "precision", "convergence", "peak")
 
 
 # --- number formatting --------------------------------------------------------------------------------------------
@@ -68,8 +69,10 @@ class _Notes:
 
 
 def tables(results: dict[str, Any]) -> list[Table]:
-    """``(title, headers, rows, notes)`` per section: summary, timing, memory, precision, convergence."""
-    return [_summary(results), _timing(results), _memory(results), _precision(results), _convergence(results)]
+    """``(title, headers, rows, notes)`` per section: summary, timing, memory, precision, convergence, and the
+    dense-layer throughput of transformer workloads (empty, so not shown, without one)."""
+    return [_summary(results), _timing(results), _memory(results), _precision(results), _convergence(results),
+            _throughput(results)]
 
 
 def _find(rows: list[dict], **match: Any) -> dict | None:
@@ -167,6 +170,51 @@ def _convergence(results: dict[str, Any]) -> Table:
     title = (f"Convergence: the article's samples.std(axis=0).mean() (on probabilities) and the mean entropy vs T "
              f"(mean +- std over {seeds} seeds)")
     return title, ["backend", "workload", "metric", *[f"T={t}" for t in ts]], rows, []
+
+
+def peaks(results: dict[str, Any]) -> dict[tuple[str, str], float]:
+    """The best matmul GFLOP/s per ``(backend, precision)`` measured in the run."""
+    out: dict[tuple[str, str], float] = {}
+    for r in results.get("peak", []):
+        if r.get("gflops"):
+            key = (r["backend"], r["precision"])
+            out[key] = max(out.get(key, 0.0), r["gflops"])
+    return out
+
+
+def _ratio_to(rows: list[dict], row: dict, **match: Any) -> float | None:
+    """Median per-round ratio of the matching row's time to ``row``'s (x > 1: ``row`` is faster)."""
+    other = _find(rows, backend=row["backend"], workload=row["workload"], n=row["n"], t=row["t"], **match)
+    if not other or not other.get("times_s") or not row.get("times_s"):
+        return None
+    return statistics.median(a / b for a, b in zip(other["times_s"], row["times_s"]))
+
+
+def _throughput(results: dict[str, Any]) -> Table:
+    """Transformer rows: GFLOP/s of the encoder's matmuls against the matmul peak of the same run, the speed-up
+    over mcu's loop and over the train() loop (``ext:article-loop``), and the spread of the samples."""
+    timing = [r for r in results.get("timing", []) if r.get("dense_gflop_per_row")]
+    peak = peaks(results)
+    notes = _Notes()
+    rows = []
+    for r in timing:
+        ok = r.get("status") == "ok" and r.get("median_s")
+        gflops = r["n"] * r["t"] * r["dense_gflop_per_row"] / r["median_s"] if ok else None
+        reference = peak.get((r["backend"], r.get("precision", "fp32")))
+        to_train = _ratio_to(timing, r, kind="external", strategy="article-loop") if ok else None
+        rows.append([r["backend"], r["workload"], str(r["n"]), str(r["t"]), label(r), r.get("precision", ""),
+                     notes.status(r), _ms(r.get("median_s")), _num(gflops),
+                     f"{100 * gflops / reference:.0f}%" if gflops and reference else "",
+                     f"{r['speedup']:.2f}" if r.get("speedup") else "", _num(to_train), _num(r.get("sample_std")),
+                     r.get("chosen", "") if r.get("strategy") == "auto" else ""])
+    per_row = sorted({r["dense_gflop_per_row"] for r in timing})
+    measured = "; ".join(f"{b} {p} {v:.0f}" for (b, p), v in sorted(peak.items())) or "not measured"
+    title = (f"Dense-layer throughput of the transformer ({', '.join(f'{g:.3g}' for g in per_row)} GFLOP of "
+             f"encoder matmuls per sample) against the best plain matmul of this run (GFLOP/s: {measured}); "
+             "x train() = median per-round ratio to ext:article-loop; logit std = spread of the samples")
+    headers = ["backend", "workload", "N", "T", "strategy", "prec", "status", "median ms", "GFLOP/s", "of peak",
+               "x loop", "x train()", "logit std", "auto chose"]
+    return title, headers, rows, notes.lines()
 
 
 def _render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:

@@ -12,6 +12,8 @@
 - ``memory``: one configuration; the process is fresh, so its peak RSS belongs to it alone.
 - ``precision``: bf16/fp16 against fp32 with the same seed, and fp32 against fp32 with another seed.
 - ``convergence``: the article's test, mean predictive std (and entropy) against T over several seeds.
+- ``peak``: the framework's plain matmul throughput (GFLOP/s) in fp32 and bf16 at a transformer's dense-layer
+  shapes, the reference for the GFLOP/s of the transformer workload's dense layers.
 
 A configuration that raises becomes a row with ``status="FAILED"`` and the error; the case goes on.
 """
@@ -171,6 +173,8 @@ def run_timing(task: dict, settings: dict) -> list[dict]:
     for config in task["configs"]:
         row = {"backend": backend, "workload": workload.name, "n": n, "t": t, **config, "status": "ok",
                "error": None, "note": None}
+        if workload.transformer:  # the GFLOP/s of its dense layers are reported against the matmul peak
+            row["dense_gflop_per_row"] = workload.gflop_per_row
         rows.append(row)
         try:
             info: dict = {}
@@ -181,7 +185,10 @@ def run_timing(task: dict, settings: dict) -> list[dict]:
                 row["warmup_s"] = timed(run, x, t)
                 # a second call sizes the rounds: the warm-up may include one-off work (auto's probe for
                 # this T, seconds on a CNN), which must not cut the number of repeats
-                row["round_s"] = timed(run, x, t)
+                kept: list = []
+                row["round_s"] = timed(lambda x_, t_: kept.append(run(x_, t_)), x, t)
+                if workload.transformer:  # the spread of the samples, to compare with the train() loop's
+                    row["sample_std"] = float(np.asarray(kept[0], dtype=np.float64).std(axis=0).mean())
             row["note"] = "; ".join(sorted({str(w.message).split(";")[0] for w in caught})) or None
             row.update(info)
             active.append((row, run))
@@ -299,7 +306,52 @@ def run_convergence(task: dict, settings: dict) -> list[dict]:
     return rows
 
 
-TASKS = {"timing": run_timing, "memory": run_memory, "precision": run_precision, "convergence": run_convergence}
+#: (rows, inner, columns) of the matmuls timed by ``peak``: a transformer's projections and feed-forward at
+#: 8 x 30 sequences of 64 tokens, hidden 256, feed-forward 1024 (the transformer workload's default case)
+PEAK_SHAPES = ((15360, 256, 1024), (15360, 1024, 256), (15360, 256, 256))
+
+
+def _matmul(backend: str, rows: int, inner: int, cols: int, precision: str) -> Callable[[], Any]:
+    """One ``(rows, inner) @ (inner, cols)`` product per call, in ``precision``, result materialised."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, inner), dtype=np.float32)
+    b = rng.standard_normal((inner, cols), dtype=np.float32)
+    if backend == "torch":
+        import torch
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        ta, tb = torch.from_numpy(a).to(dtype), torch.from_numpy(b).to(dtype)
+        return lambda: torch.matmul(ta, tb)
+    import tensorflow as tf
+
+    dtype = {"fp32": tf.float32, "bf16": tf.bfloat16}[precision]
+    ta, tb = tf.cast(tf.constant(a), dtype), tf.cast(tf.constant(b), dtype)
+    product = tf.function(lambda: tf.matmul(ta, tb))
+    return lambda: product().numpy()
+
+
+def run_peak(task: dict, settings: dict) -> list[dict]:
+    """Best-of-``repeats`` GFLOP/s of a plain matmul per shape and precision, each timed over calls of ~0.2 s."""
+    backend, rows = task["backend"], []
+    for precision in task.get("precisions", ["fp32", "bf16"]):
+        for shape in PEAK_SHAPES:
+            row = {"backend": backend, "kind": "peak", "precision": precision, "shape": "x".join(map(str, shape)),
+                   "status": "ok", "error": None}
+            try:
+                call = _matmul(backend, *shape, precision)
+                call()
+                calls = max(1, int(0.2 / max(timed(lambda *_: call(), None, 0), 1e-6)))
+                best = min(timed(lambda *_: [call() for _ in range(calls)], None, 0) / calls
+                           for _ in range(max(3, settings.get("repeats", 3))))
+                row.update(seconds=best, gflops=2 * shape[0] * shape[1] * shape[2] / best / 1e9)
+            except Exception as exc:  # noqa: BLE001
+                row.update(status="FAILED", error=error_text(exc))
+            rows.append(row)
+    return rows
+
+
+TASKS = {"timing": run_timing, "memory": run_memory, "precision": run_precision, "convergence": run_convergence,
+         "peak": run_peak}
 
 
 def _die_with_parent() -> None:

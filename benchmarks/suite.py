@@ -37,6 +37,7 @@ STARTUP_S = {"torch": 2.0, "tensorflow": 5.0}
 CONFIG_OVERHEAD_S = {"torch": 0.1, "tensorflow": 0.4}  # probes, tracing, auto's first-call probe
 MEMORY_TASK_S = {"torch": 3.0, "tensorflow": 9.0}  # fresh process: import, build, trace
 CUSTOM_GFLOP_PER_ROW = 0.01
+PEAK_TASK_S = 8.0  # the matmul peak: 3 shapes x 2 precisions x repeats of ~0.2 s
 
 
 @dataclass
@@ -124,6 +125,8 @@ def plan(settings: Settings) -> dict[str, list[dict]]:
             if settings.convergence_seeds and settings.convergence_ts:
                 todo.append({"kind": "convergence", "workload": _workload_spec(w), "n": settings.convergence_n,
                              "ts": settings.convergence_ts, "seeds": settings.convergence_seeds})
+        if any(w.transformer for w in settings.workloads):  # the reference for its dense layers' GFLOP/s
+            todo.insert(0, {"kind": "peak", "n": None, "precisions": ["fp32", "bf16"]})
         for i, task in enumerate(todo):
             task.update(id=i, backend=backend)
         tasks[backend] = todo
@@ -170,6 +173,8 @@ def memory_plan(settings: Settings, backend: str, timing_rows: list[dict] | None
 def estimate_seconds(settings: Settings, task: dict) -> float:
     """A rough duration for the progress bar and the ETA."""
     backend, kind = task["backend"], task["kind"]
+    if kind == "peak":
+        return PEAK_TASK_S
     w = next(w for w in settings.workloads if _workload_spec(w) == task["workload"])
     cap = settings.max_run_seconds
     if kind == "timing":
@@ -241,6 +246,9 @@ def _one_task_worker(backend: str, settings: Settings, on_result: Callable[[dict
 
 def failed_rows(task: dict, error: str) -> list[dict]:
     """FAILED rows for a task whose worker could not report any."""
+    if task["kind"] == "peak":
+        return [{"backend": task["backend"], "kind": "peak", "precision": p, "workload": None, "status": "FAILED",
+                 "error": error} for p in task["precisions"]]
     base = {"backend": task["backend"], "workload": task["workload"].get("name", "custom"), "n": task["n"],
             "status": "FAILED", "error": error}
     if task["kind"] == "timing":
@@ -260,7 +268,8 @@ def estimate_total(settings: Settings) -> float:
 
 def run(settings: Settings, progress: Any = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Execute the plan; return ``{"timing", "memory", "precision", "convergence": rows, "backends": env,
-    "tasks": estimated and measured seconds per task}``.
+    "tasks": estimated and measured seconds per task}``, and ``"peak"`` rows (matmul GFLOP/s) when a
+    transformer workload runs.
 
     ``progress`` (optional) gets ``update(estimated_seconds)`` per finished task and ``add(seconds)`` when
     the memory plan is known; ``log`` gets one line per finished task."""
@@ -269,8 +278,8 @@ def run(settings: Settings, progress: Any = None, log: Callable[[str], None] = p
 
     def on_result(task: dict, message: dict) -> None:
         rows = message["rows"] or failed_rows(task, message.get("error") or "no result")
-        results[task["kind"]].extend(rows)
-        results["tasks"].append({"backend": task["backend"], "kind": task["kind"], "workload": rows[0]["workload"],
+        results.setdefault(task["kind"], []).extend(rows)  # "peak" only when a transformer workload runs
+        results["tasks"].append({"backend": task["backend"], "kind": task["kind"], "workload": rows[0].get("workload"),
                                  "n": task["n"], "t": task.get("t"), "estimated_s": task["est"],
                                  "seconds": message.get("seconds")})
         if progress is not None:
@@ -295,6 +304,10 @@ def run(settings: Settings, progress: Any = None, log: Callable[[str], None] = p
 
 
 def _task_line(task: dict, rows: list[dict]) -> str:
+    if task["kind"] == "peak":
+        return f"{task['backend']:<10} matmul peak " + ", ".join(
+            f"{r['precision']} {r['shape']}: " + (f"{r['gflops']:.0f} GFLOP/s" if r.get("gflops") else r["status"])
+            for r in rows)
     head = f"{task['backend']:<10} {task['kind']:<11} {rows[0]['workload']:<10} N={task['n']:<5}"
     if task["kind"] == "timing":
         return f"{head} T={task['t']:<4} " + ", ".join(_config_cell(r) for r in rows)

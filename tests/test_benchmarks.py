@@ -52,6 +52,7 @@ def test_bench_smoke(tmp_path, capsys):
     assert "FAILED[" in (tmp_path / "RESULTS.md").read_text()
     printed = capsys.readouterr().out
     assert "Timing" in printed and "FAILED[" in printed and "no-such-strategy" in printed
+    assert "Dense-layer throughput" not in printed and "peak" not in results  # only with a transformer workload
 
 
 def test_page_faults_script_reports_time_and_faults_per_call(capsys):
@@ -93,3 +94,54 @@ def test_first_call_memory_script_measures_each_configuration_in_fresh_processes
         main(["--rounds", "0"])
     with pytest.raises(SystemExit):
         main(["--compare", str(tmp_path / "missing")])
+
+
+def test_transformer_workload_counts_encoder_matmuls_and_has_its_own_cases():
+    from benchmarks.__main__ import parser, settings_from
+    from benchmarks.workloads import WORKLOADS, TransformerSpec
+
+    spec = TransformerSpec()
+    h, i, length, layers = 256, 1024, 64, 4
+    # per token and layer: Q, K, V, output (4 h^2), FFN up and down (2 h i), scores and context (2 L h) MACs
+    per_token = 2 * layers * (4 * h * h + 2 * h * i + 2 * length * h) / 1e9
+    assert spec.gflop_per_token == per_token and WORKLOADS["transformer"].gflop_per_row == per_token * length
+    chosen = settings_from(parser().parse_args(["--workloads", "transformer", "--backend", "all"]))
+    assert chosen.cases == [(8, 30)] and chosen.memory_cases == [(8, 30)] and chosen.precision_case == (8, 30)
+    given = settings_from(parser().parse_args(["--workloads", "transformer", "--n", "2", "--t", "3"]))
+    assert given.cases == [(2, 3)]
+    full = settings_from(parser().parse_args(["--full"]))
+    assert "transformer" not in [w.name for w in full.workloads] and len(full.workloads) == 4
+    quick = settings_from(parser().parse_args([]))
+    assert [w.name for w in quick.workloads] == ["mlp", "cnn"] and quick.cases == [(64, 100), (1, 100)]
+
+
+def test_transformer_bench_rows_report_dense_gflops_against_the_matmul_peak(tmp_path, capsys):
+    """BERT (PyTorch) and the Keras encoder at N=2, T=3: timing rows with the dense-layer GFLOP/s, the
+    matmul peak rows of the same run, the spread of the samples, and the train() loop as a reference."""
+    require_backend("torch")
+    require_backend("tensorflow")
+    import pytest
+
+    pytest.importorskip("transformers")
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "results"
+    assert main([
+        "--backend", "all", "--workloads", "transformer", "--n", "2", "--t", "3", "--repeats", "1",
+        "--strategies", "loop,vectorized", "--precisions", "fp32,bf16", "--externals", "article-loop",
+        "--no-memory", "--no-precision-impact", "--no-convergence", "--out", str(out),
+        "--markdown", str(tmp_path / "RESULTS.md"), "--no-progress",
+    ]) == 0
+    results = json.loads((out / "results.json").read_text())
+    peaks = {(r["backend"], r["precision"]) for r in results["peak"] if r["status"] == "ok" and r["gflops"] > 0}
+    assert peaks == {(b, p) for b in ("torch", "tensorflow") for p in ("fp32", "bf16")}
+    for backend in ("torch", "tensorflow"):
+        rows = {(r["strategy"], r["precision"]): r for r in results["timing"] if r["backend"] == backend}
+        assert {k for k, r in rows.items() if r["status"] == "ok"} == {
+            ("loop", "fp32"), ("loop", "bf16"), ("vectorized", "fp32"), ("vectorized", "bf16"), ("article-loop", "fp32")}
+        for r in rows.values():
+            assert r["dense_gflop_per_row"] > 0.4 and r["sample_std"] > 0  # dropout is on in every row
+    assert (out / "peak.csv").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "Dense-layer throughput" in printed and "x train()" in printed
+    assert "Dense-layer throughput" in (tmp_path / "RESULTS.md").read_text()

@@ -80,7 +80,8 @@ class ActiveLearningLoop:
         heuristic: acquisition heuristic (see :data:`mcu.active.acquisition.HEURISTICS`).
         seed: seeds each round's query (round ``r`` uses a seed derived from ``seed`` and ``r``).
         query_options: more keyword arguments for :func:`mcu.active.query` (``n_samples``, ``batch_size``,
-            ``from_logits``, ``backend``, ``progress``, ``n_candidates``).
+            ``from_logits``, ``backend``, ``progress``, ``n_candidates``). The queries show no progress bar
+            unless ``progress`` is given here or ``MCU_PROGRESS`` is set.
 
     Example:
         >>> loop = ActiveLearningLoop(                                      # doctest: +SKIP
@@ -251,7 +252,10 @@ class ActiveLearningLoop:
         unlabeled = self.unlabeled_indices
         k = min(self.query_size, len(unlabeled), math.inf if self.budget is None else self.budget - self.n_queried)
         round_ = len(self.history)
-        options = {"progress": False, **self.query_options}
+        from mcu.core.progress import env_progress
+
+        # a bar per round's query only when asked for (query_options or MCU_PROGRESS): rounds are many
+        options = {"progress": env_progress() or False, **self.query_options}
         indices, scores = query(
             self._current_model(), self.pool, int(k), heuristic=self.heuristic, seed=derive_seed(self.seed, round_),
             subset=unlabeled, **options,

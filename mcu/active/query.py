@@ -27,7 +27,7 @@ def query(
     n_samples: int = 30,
     batch_size: int = 256,
     seed: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     backend: str | None = None,
     from_logits: bool = True,
     subset: Iterable[int] | None = None,
@@ -59,7 +59,8 @@ def query(
         n_samples: MC-dropout passes per example.
         batch_size: examples per chunk (and per call of :func:`mcu.sample`).
         seed: makes the query reproducible (dropout masks, random scores, BatchBALD's configuration draws).
-        progress: show a ``tqdm`` progress bar over chunks when tqdm is installed.
+        progress: show a ``tqdm`` progress bar over chunks (when tqdm is installed); ``None``: as the
+            ``MCU_PROGRESS`` environment variable says, else only when stderr is a terminal.
         backend: forwarded to :func:`mcu.sample`.
         from_logits: whether the model outputs logits (``True``) or probabilities (``False``).
         subset: pool indices to consider (e.g. the unlabeled ones); default: the whole pool.

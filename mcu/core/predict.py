@@ -117,7 +117,7 @@ def predict(
     score: str | None = None,
     noise_var: Any = None,
     heteroscedastic: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
     engine: str = "local",
     **sample_options: Any,
 ) -> Prediction:
@@ -137,7 +137,8 @@ def predict(
             ``mutual_information`` for classification, ``predictive_mean`` for regression).
         noise_var, heteroscedastic: the aleatoric term for regression (see
             :class:`mcu.metrics.RegressionAccumulator`).
-        progress: show a progress bar (tqdm) over examples.
+        progress: show a progress bar (tqdm) over examples; ``None``: as the ``MCU_PROGRESS`` environment
+            variable says, else only when stderr is a terminal.
         engine: ``"local"`` (this process) or ``"ray"``: the same computation on Ray Data actors, equal for
             the same seed, batch size and strategy (:func:`mcu.distributed.predict`; ``num_workers`` and other
             Ray options go through ``**sample_options``).

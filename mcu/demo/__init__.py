@@ -5,9 +5,10 @@ Usage::
     mcu demo [--backend torch|tensorflow] [--out DIR] [--quick] [--seed N] [--samples T]
 
 Trains a 64-128-128-8 MLP with dropout on scikit-learn's digits (the digits 5 and 9 held out as classes the
-model never sees), then, with progress bars: predictions with a confidence index, the uncertainty
-decomposition, a reliability diagram, the separation of unseen classes, triage tiers, one active-learning
-round, regression intervals on diabetes and the convergence of the uncertainty with the number of samples.
+model never sees), then (with progress bars on a terminal, or as ``MCU_PROGRESS`` says): predictions with a
+confidence index, the uncertainty decomposition, a reliability diagram, the separation of unseen classes,
+triage tiers, one active-learning round, regression intervals on diabetes and the convergence of the
+uncertainty with the number of samples.
 It prints a summary and writes PNG plots, ``report.md`` and ``report.html`` to ``DIR`` (default ``./mcu-demo``).
 
 The default backend is the configured one (``MCU_BACKEND``, ``[tool.mcu]``; see :mod:`mcu.config`), else the
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mcu.demo import models, pipeline, report
 
     backend = args.backend or models.default_backend()
-    options = {"seed": args.seed, "progress": not args.no_progress}
+    options = {"seed": args.seed, "progress": False if args.no_progress else None}
     if args.samples is not None:
         options["n_samples"] = args.samples
     cfg = pipeline.DemoConfig.quick(backend, **options) if args.quick else pipeline.DemoConfig(backend, **options)

@@ -51,7 +51,7 @@ class DemoConfig:
     diabetes_epochs: int = 300
     convergence_ts: tuple[int, ...] = (10, 20, 50, 100, 200)
     convergence_examples: int = 300
-    progress: bool = True
+    progress: bool | None = None  # None: MCU_PROGRESS, else only on a terminal
 
     @classmethod
     def quick(cls, backend: str, **overrides: Any) -> "DemoConfig":
