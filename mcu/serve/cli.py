@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
                    "from this environment variable")
     p.add_argument("--workers", type=int, default=1, help="server processes, each with its own model copy, "
                    "sampling thread and metrics (default 1)")
+    p.add_argument("--threads", type=int, metavar="K", help="intra-op threads of torch / TensorFlow (default: "
+                   "theirs; 1 often serves small models faster on a busy or small machine)")
     p.add_argument("--name", help="model name in responses (default: from MODEL)")
     p.add_argument("--ray", action="store_true", help="run on Ray Serve (@serve.batch, --replicas replicas)")
     p.add_argument("--replicas", type=int, default=2, help="Ray Serve replicas (default 2)")
@@ -103,9 +105,23 @@ def build_app(argv: Sequence[str]) -> Any:
     from mcu.serve.app import create_app
 
     args = parser().parse_args(list(argv))
+    if args.threads:
+        limit_threads(args.threads)
     model = load_model(ModelSource.resolve(args.model, factory=args.factory))
+    if args.threads:
+        limit_threads(args.threads)  # again: the framework is imported now
     return create_app(model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_body_bytes=int(args.max_body_mb * 2**20), token=_token(args), **_service_options(args))
+
+
+def limit_threads(threads: int) -> None:
+    """Size torch's and TensorFlow's intra-op thread pools (environment variables for what is not imported yet)."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        os.environ[name] = str(threads)
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def app_from_environment() -> Any:
@@ -155,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     for option, value, minimum in (("--workers", args.workers, 1), ("--replicas", args.replicas, 1),
                                    ("--max-batch", args.max_batch, 1), ("--n-samples", args.n_samples, 1),
-                                   ("--port", args.port, 0)):
+                                   ("--port", args.port, 0), ("--threads", args.threads or 1, 1)):
         if value < minimum:
             raise SystemExit(f"{option}: expected an integer >= {minimum}, got {value}")
     _warn_if_public(args.host, args.token_env)

@@ -284,12 +284,14 @@ class Service:
             return results
 
     def warm_up(self) -> None:
-        """Probe the strategy for the batch sizes the server will use (needs a known input shape); without a
-        known shape the probes happen on the first requests of each size."""
+        """Probe the strategy and run the scoring call once for each batch size the server will use (needs a
+        known input shape); without a known shape this happens on the first requests of each size."""
         with self._lock:
             if self.input_shape is not None:
                 for rows in ([1] if self.seed is not None else _buckets(self.max_batch)):
-                    self._probe(np.zeros((rows, *self.input_shape), dtype=self.input_dtype))
+                    x = np.zeros((rows, *self.input_shape), dtype=self.input_dtype)
+                    self._probe(x)
+                    self._predict(x, self.seed, rows)  # the serving call itself (traced graphs, first chunks)
             self.ready = True
 
     def _probe(self, x: np.ndarray) -> None:
