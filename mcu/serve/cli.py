@@ -110,6 +110,8 @@ def build_app(argv: Sequence[str]) -> Any:
     model = load_model(ModelSource.resolve(args.model, factory=args.factory))
     if args.threads:
         limit_threads(args.threads)  # again: the framework is imported now
+    if args.seed is None:
+        fresh_global_seed()
     return create_app(model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_body_bytes=int(args.max_body_mb * 2**20), token=_token(args), **_service_options(args))
 
@@ -122,6 +124,15 @@ def limit_threads(threads: int) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(threads)
+
+
+def fresh_global_seed() -> None:
+    """Seed torch's global generator from OS entropy. Unseeded strategies that draw dropout masks from it would
+    otherwise repeat the same stream in every worker process and after every restart (a factory that calls
+    ``torch.manual_seed`` for its weights leaves the generator in the same state each time)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
 def app_from_environment() -> Any:

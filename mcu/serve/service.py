@@ -340,9 +340,10 @@ class Service:
 
     def _score_one_unseeded(self, x: np.ndarray) -> Any:
         try:
-            return self._rows(self._predict(x, None, len(x)), 0, len(x))
-        except Exception as exc:  # noqa: BLE001
+            prediction = self._predict(x, None, len(x))
+        except Exception as exc:  # noqa: BLE001 - the model refused this request's input
             return _model_error(x, exc)
+        return self._rows(prediction, 0, len(x))
 
     def _rows(self, prediction: Any, start: int, stop: int) -> list[dict[str, Any]]:
         scores = self._scores(prediction)[start:stop]
