@@ -5,6 +5,7 @@ answer one example per request with T = 50 samples:
 
 * **mcu serve**: the real command (``mcu serve benchmarks.serve:torch_mlp ...``): micro-batching, one
   sampling thread, the fastest exact strategy.
+* **mcu serve --seed 0**: the same with a configured seed: each example sampled alone (no shared passes);
 * **naive**: the article's way: one request at a time, the model in training mode, T eager forward passes
   per request (PyTorch ``model.train()`` + a loop; Keras ``model(x, training=True)`` in a loop).
 
@@ -39,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"  # loopback only
 TARGET_CONCURRENCY, TARGET_P99_MS, TARGET_SPEEDUP = 16, 100.0, 5.0
+LABELS = {"mcu": "mcu serve", "mcu-seeded": "mcu serve --seed", "naive": "naive"}
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -133,11 +135,11 @@ class Server:
     def __init__(self, kind: str, backend: str, args: argparse.Namespace) -> None:
         self.kind, self.port = kind, _free_port()
         self.url = f"http://{HOST}:{self.port}"
-        if kind == "mcu":
+        if kind in ("mcu", "mcu-seeded"):
             command = [sys.executable, "-m", "mcu.cli", "serve", FACTORIES[backend], "--host", HOST, "--port",
                        str(self.port), "--n-samples", str(args.n_samples), "--input-shape", "784",
                        "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                       "--log-level", "warning"]
+                       "--log-level", "warning"] + (["--seed", "0"] if kind == "mcu-seeded" else [])
         else:
             command = [sys.executable, "-m", "benchmarks.serve", "--naive-server", backend, "--port", str(self.port),
                        "--n-samples", str(args.n_samples)]
@@ -260,12 +262,12 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "naive_server"},
                                "rows": []}
     for backend in args.backends:
-        for kind in ("mcu", "naive"):
+        for kind in args.servers:
             server = Server(kind, backend, args)
             try:
                 server.wait_ready()
                 for c in args.concurrency:
-                    before = _batch_stats(server.url) if kind == "mcu" else None
+                    before = _batch_stats(server.url) if kind != "naive" else None
                     row = asyncio.run(_load(server.port, c, args.requests_per_client, args.seconds,
                                             _requests(server.port, bodies), warm_up=max(2 * c, 32)))
                     row.update(backend=backend, server=kind)
@@ -294,7 +296,7 @@ def targets(rows: list[dict]) -> dict[str, dict]:
 
 def _line(row: dict) -> str:
     batch = f", mean batch {row['mean_batch']:.1f}" if row.get("mean_batch") else ""
-    return (f"{row['backend']:10s} {row['server']:5s} c={row['concurrency']:3d}: {row['rps']:8.1f} req/s  "
+    return (f"{row['backend']:10s} {row['server']:10s} c={row['concurrency']:3d}: {row['rps']:8.1f} req/s  "
             f"p50 {row['p50_ms']:7.1f}  p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  "
             f"({row['requests']} requests{batch})")
 
@@ -322,15 +324,19 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
     fig, (ax_rps, ax_p99) = plt.subplots(1, 2, figsize=(11, 4.2))
     for backend in sorted({r["backend"] for r in results["rows"]}):
-        for kind, style in (("mcu", "-o"), ("naive", "--s")):
+        for kind, style in (("mcu", "-o"), ("mcu-seeded", "-.^"), ("naive", "--s")):
             rows = [r for r in results["rows"] if r["backend"] == backend and r["server"] == kind]
+            if not rows:
+                continue
             c = [r["concurrency"] for r in rows]
-            label = f"{'mcu serve' if kind == 'mcu' else 'naive'} ({backend})"
+            label = f"{LABELS[kind]} ({backend})"
             ax_rps.plot(c, [r["rps"] for r in rows], style, label=label)
             ax_p99.plot(c, [r["p99_ms"] for r in rows], style, label=label)
     ax_p99.axhline(TARGET_P99_MS, color="grey", lw=0.8, ls=":")
+    levels = sorted({r["concurrency"] for r in results["rows"]})
     for ax, title in ((ax_rps, "throughput (requests/s)"), (ax_p99, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_yscale("log")
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
@@ -356,6 +362,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64], metavar="C,...", help="clients (1,4,16,64)")
     p.add_argument("--requests-per-client", type=int, default=40, metavar="K", help="at most K requests per client")
     p.add_argument("--seconds", type=float, default=8.0, help="at most this long per level (after the warm-up)")
+    p.add_argument("--servers", type=lambda t: [v.strip() for v in t.split(",") if v.strip()],
+                   default=["mcu", "mcu-seeded", "naive"], metavar="LIST",
+                   help="mcu (batched), mcu-seeded (--seed 0: each example sampled alone), naive (default: all)")
     p.add_argument("--n-samples", type=int, default=50, metavar="T", help="samples per example (50)")
     p.add_argument("--max-batch", type=int, default=64, help="mcu serve --max-batch (64)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="mcu serve --max-wait-ms (2)")
@@ -373,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve_naive(args.naive_server, args.port, args.n_samples, args.threads)
     installed = [b for b in ("torch", "tensorflow") if importlib.util.find_spec(b) is not None]
     args.backends = installed if args.backend == "all" else [args.backend]
+    unknown = set(args.servers) - {"mcu", "mcu-seeded", "naive"}
+    if unknown:
+        raise SystemExit(f"--servers: unknown {sorted(unknown)}; expected some of mcu, mcu-seeded, naive")
     if not args.backends or not set(args.backends) <= set(installed):
         raise SystemExit(f"--backend: expected torch, tensorflow or all installed ({installed}), got {args.backend!r}")
     print(f"mcu serve vs naive: {', '.join(args.backends)}, clients {args.concurrency}, T={args.n_samples}, "
