@@ -58,9 +58,10 @@ def create_app(
         **service_options: the other :class:`~mcu.serve.service.Service` arguments (``task``, ``seed``,
             ``triage``, ``reference``, ``input_shape``, ``max_examples``, ...).
 
-    Example:
-        >>> app = create_app(model, n_samples=50, triage="triage.json")   # doctest: +SKIP
-        >>> uvicorn.run(app, host="127.0.0.1", port=8000)                 # doctest: +SKIP
+    Example::
+
+        app = create_app(model, n_samples=50, triage="triage.json", reference="reference.json")
+        uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     if isinstance(model, Service):
         if service_options:

@@ -7,7 +7,7 @@ Each replica loads the model once from a :class:`mcu.distributed.ModelSource` (t
 :func:`mcu.serve.app.handle`, the code behind ``mcu serve``: the same checks, errors and JSON.
 
 ``/metrics`` is not served here: each replica would report only its own share. Ray Serve exports its own
-request metrics (``ray_serve_*``) to Prometheus; see ``docs``/README "Serve it" for the multi-node recipe.
+request metrics (``ray_serve_*``) to Prometheus. The multi-node recipe is in the README ("Serve it").
 """
 
 from __future__ import annotations
@@ -93,9 +93,11 @@ def ray_deployment(
     Returns:
         A bound application for ``serve.run(app, route_prefix="/")``.
 
-    Example:
-        >>> from ray import serve                                               # doctest: +SKIP
-        >>> serve.run(ray_deployment("mypkg.models:build", n_samples=50), route_prefix="/")  # doctest: +SKIP
+    Example::
+
+        from ray import serve
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        serve.run(ray_deployment("mypkg.models:build", n_samples=50, input_shape=[784]), route_prefix="/")
     """
     from mcu.core.sampling import check_int
 
