@@ -211,6 +211,8 @@ class Service:
             content = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RequestError(400, f"body: expected JSON {{\"inputs\": [...]}}, got invalid JSON ({exc}).") from None
+        except RecursionError:
+            raise RequestError(400, "body: JSON nested too deeply.") from None
         if not isinstance(content, dict):
             raise RequestError(400, f"body: expected a JSON object {{\"inputs\": [...]}}, got {_json_type(content)}.")
         unknown = sorted(set(content) - {"inputs"})
@@ -240,7 +242,7 @@ class Service:
             raise RequestError(400, "inputs: expected a rectangular nested list of numbers (every example of the "
                                     "same shape), got lists of different lengths.") from None
         if raw.dtype.kind not in "iuf":
-            kinds = {"U": "strings", "b": "booleans", "O": "null or mixed values"}
+            kinds = {"U": "strings", "b": "booleans", "O": "null, mixed values or integers beyond 64 bits"}
             raise RequestError(400, f"inputs: expected numbers, got {kinds.get(raw.dtype.kind, raw.dtype.name)}.")
         if (b"true" in body or b"false" in body) and _has_bool(inputs):  # numpy turns [True, 2.0] into numbers
             raise RequestError(400, "inputs: expected numbers, got a boolean (true/false).")
@@ -255,7 +257,10 @@ class Service:
                 raise RequestError(400, f"inputs: integers out of the {self.input_dtype.name} range.")
         elif raw.dtype.kind in "iu" and np.abs(raw).max(initial=0) > 2**53:
             raise RequestError(400, "inputs: integers too large to be represented exactly as floats.")
-        return raw.astype(self.input_dtype, copy=False)
+        x = raw.astype(self.input_dtype, copy=False)
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise RequestError(400, f"inputs: values beyond the {self.input_dtype.name} range.")
+        return x
 
     def _examples(self, x: np.ndarray) -> np.ndarray:
         """One example or a list of examples -> ``(n, *input_shape)``."""

@@ -175,6 +175,9 @@ BAD = {
     "NaN": (b'{"inputs": [[1, 2, NaN, 4]]}', 400, "NaN"),
     "infinity": (b'{"inputs": [[1, 2, -Infinity, 4]]}', 400, "infinite"),
     "overflow to inf": (b'{"inputs": [[1, 2, 1e999, 4]]}', 400, "infinite"),
+    "beyond float32": (b'{"inputs": [[1, 2, 1e39, 4]]}', 400, "float32 range"),
+    "beyond 64 bits": (b'{"inputs": [[1, 2, 100000000000000000000000, 4]]}', 400, "inputs"),
+    "nested too deeply": (b'{"inputs": ' + b"[" * 1900 + b"]" * 1900 + b"}", 400, "nested"),  # < 4000 bytes
     "too many examples": (json.dumps({"inputs": [[0.0] * 4] * 6}).encode(), 413, "maximum is 5"),
     "body too large": (json.dumps({"inputs": [[0.123456789] * 4] * 300}).encode(), 413, "body"),
     "not UTF-8": (b'{"inputs": [[1, 2, 3, 4]], "\xff": 1}', 400, "body"),
