@@ -257,7 +257,8 @@ class Service:
                 raise RequestError(400, f"inputs: integers out of the {self.input_dtype.name} range.")
         elif raw.dtype.kind in "iu" and np.abs(raw).max(initial=0) > 2**53:
             raise RequestError(400, "inputs: integers too large to be represented exactly as floats.")
-        x = raw.astype(self.input_dtype, copy=False)
+        with np.errstate(over="ignore"):  # checked just below
+            x = raw.astype(self.input_dtype, copy=False)
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             raise RequestError(400, f"inputs: values beyond the {self.input_dtype.name} range.")
         return x
