@@ -105,6 +105,7 @@ def build_app(argv: Sequence[str]) -> Any:
     from mcu.serve.app import create_app
 
     args = parser().parse_args(list(argv))
+    token = _token(args)
     if args.threads:
         limit_threads(args.threads)
     model = load_model(ModelSource.resolve(args.model, factory=args.factory))
@@ -113,7 +114,7 @@ def build_app(argv: Sequence[str]) -> Any:
     if args.seed is None:
         fresh_global_seed()
     return create_app(model, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                      max_body_bytes=int(args.max_body_mb * 2**20), token=_token(args), **_service_options(args))
+                      max_body_bytes=int(args.max_body_mb * 2**20), token=token, **_service_options(args))
 
 
 def limit_threads(threads: int) -> None:
@@ -186,16 +187,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value < minimum:
             raise SystemExit(f"{option}: expected an integer >= {minimum}, got {value}")
     _warn_if_public(args.host, args.token_env)
-    if args.ray:
-        return _run_ray(args)
-    import uvicorn
+    from mcu.errors import MCUError
 
-    if args.workers > 1:  # each worker process builds its own app from the same command line
-        os.environ[ARGV_ENV] = json.dumps(argv)
-        uvicorn.run("mcu.serve.cli:app_from_environment", factory=True, host=args.host, port=args.port,
-                    workers=args.workers, log_level=args.log_level)
-    else:
-        uvicorn.run(build_app(argv), host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        if args.ray:
+            return _run_ray(args)
+        import uvicorn
+
+        if args.workers > 1:  # each worker process builds its own app from the same command line
+            _token(args)  # fail here, not in every worker
+            os.environ[ARGV_ENV] = json.dumps(argv)
+            uvicorn.run("mcu.serve.cli:app_from_environment", factory=True, host=args.host, port=args.port,
+                        workers=args.workers, log_level=args.log_level)
+        else:
+            uvicorn.run(build_app(argv), host=args.host, port=args.port, log_level=args.log_level)
+    except MCUError as exc:
+        print(f"mcu serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

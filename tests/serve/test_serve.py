@@ -350,6 +350,18 @@ def test_mcu_serve_command_line_serves_and_stops_on_sigint(tmp_path):
     assert code == 0, process.stderr.read().decode()
 
 
+def test_mcu_serve_command_line_errors_exit_with_a_message(tmp_path, capsys, monkeypatch):
+    from mcu.serve.cli import main
+
+    assert main([str(tmp_path / "missing.pt")]) == 2
+    assert "model: expected an existing model file" in capsys.readouterr().err
+    monkeypatch.delenv("MCU_TEST_NO_TOKEN", raising=False)
+    assert main(["tests.serve.models:torch_classifier", "--token-env", "MCU_TEST_NO_TOKEN"]) == 2
+    assert "MCU_TEST_NO_TOKEN" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tests.serve.models:torch_classifier", "--workers", "0"])
+
+
 def test_importing_mcu_serve_imports_no_framework_nor_web_stack():
     code = ("import sys, mcu, mcu.serve; print(sorted({'ray', 'torch', 'tensorflow', 'starlette', 'uvicorn'} "
             "& set(sys.modules)))")
