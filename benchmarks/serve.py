@@ -114,7 +114,9 @@ def _serve_naive(backend: str, port: int, n_samples: int, threads: int | None) -
     if threads:
         limit_threads(threads)
 
-    uvicorn.run(app, host=HOST, port=port, log_level="warning")
+    # a long keep-alive: while the loop is blocked by a slow request, the idle timers of the other connections
+    # expire, and uvicorn would close them as soon as the loop runs again
+    uvicorn.run(app, host=HOST, port=port, log_level="warning", timeout_keep_alive=600)
     return 0
 
 
@@ -197,7 +199,10 @@ class _Connection:
 
     async def post(self, request: bytes) -> int:
         self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            raise RuntimeError("the server closed the connection before answering") from None
         status = int(head[9:12])
         length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                       if line.lower().startswith(b"content-length:"))
@@ -269,7 +274,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 for c in args.concurrency:
                     before = _batch_stats(server.url) if kind != "naive" else None
                     row = asyncio.run(_load(server.port, c, args.requests_per_client, args.seconds,
-                                            _requests(server.port, bodies), warm_up=max(2 * c, 32)))
+                                            _requests(server.port, bodies), warm_up=max(c, 8)))
                     row.update(backend=backend, server=kind)
                     if before is not None:
                         calls, examples = (a - b for a, b in zip(_batch_stats(server.url), before))
