@@ -30,6 +30,8 @@ __all__ = ["create_app", "handle"]
 ENDPOINTS = {"/v1/predict": "POST", "/healthz": "GET", "/v1/model": "GET", "/metrics": "GET"}
 #: answered without a token (liveness probes)
 OPEN = ("/healthz",)
+#: bodies up to this size are parsed on the event loop (~0.5 ms for one 784-float example)
+PARSE_INLINE_BYTES = 64 * 1024
 
 Submit = Callable[[np.ndarray], Awaitable[Any]]
 
@@ -128,7 +130,8 @@ async def _answer(request: Request, path: str, service: Service, submit: Submit,
     if path == "/metrics":
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
     body = await _read_body(request, max_body_bytes)
-    x = service.parse(body)
+    # a large body is parsed in a thread, so that the event loop keeps answering the others meanwhile
+    x = service.parse(body) if len(body) < PARSE_INLINE_BYTES else await asyncio.to_thread(service.parse, body)
     result = await submit(x)
     if isinstance(result, RequestError):
         raise result

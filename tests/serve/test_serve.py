@@ -146,6 +146,21 @@ def test_regression_mean_std_interval_equal_mcu_predict():
                                atol=1e-6)
 
 
+def test_a_large_request_is_parsed_off_the_event_loop_and_answered():
+    require_backend("torch")
+    from mcu.serve.app import PARSE_INLINE_BYTES
+
+    x = inputs(1000, seed=6)
+    body = json.dumps({"inputs": x.tolist()}).encode()
+    assert len(body) > PARSE_INLINE_BYTES
+    with running(create_app(models.torch_classifier(), n_samples=5, seed=1)) as server:
+        response = httpx.post(f"{server.url}/v1/predict", content=body, timeout=120)
+        x[500, 2] = np.nan
+        bad = httpx.post(f"{server.url}/v1/predict", content=json.dumps({"inputs": x.tolist()}).encode())
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 1000
+    assert bad.status_code == 400 and "NaN" in bad.json()["error"]
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
