@@ -152,28 +152,29 @@ def _warn_if_public(host: str, token_env: str | None) -> None:
 
 
 def _run_ray(args: argparse.Namespace) -> int:
-    import time
+    import signal
+    import threading
 
     import ray
     from ray import serve
 
     from mcu.serve.ray_serve import ray_deployment
 
+    stop = threading.Event()
+    for name in ("SIGINT", "SIGTERM"):  # set explicitly: a background job starts with SIGINT ignored
+        signal.signal(getattr(signal, name), lambda *_: stop.set())
     ray.init(address=args.ray_address, logging_level="ERROR")
     serve.start(http_options={"host": args.host, "port": args.port})
     app = ray_deployment(args.model, factory=args.factory, num_replicas=args.replicas, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, max_body_bytes=int(args.max_body_mb * 2**20),
                          token=_token(args), **_service_options(args))
-    serve.run(app, name="mcu", route_prefix="/")
-    print(f"mcu serve: Ray Serve on http://{args.host}:{args.port} ({args.replicas} replicas); Ctrl-C stops",
-          file=sys.stderr, flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        serve.run(app, name="mcu", route_prefix="/")
+        print(f"mcu serve: Ray Serve on http://{args.host}:{args.port} ({args.replicas} replicas); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        stop.wait()
     finally:
-        serve.shutdown()
+        serve.shutdown()  # replicas finish their requests in flight (Ray Serve's graceful shutdown)
         ray.shutdown()
     return 0
 
