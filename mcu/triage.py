@@ -20,7 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -31,7 +33,8 @@ from mcu._checks import check_number, fail
 from mcu.errors import InputError
 from mcu.metrics.calibration import aurc, risk_coverage_curve, validate_scores, validate_uncertainty_and_correct
 
-__all__ = ["DEFAULT_TIERS", "TierStats", "Triage", "TriageReport", "fit_thresholds"]
+__all__ = ["DEFAULT_TIERS", "TierStats", "Triage", "TriageReport", "fit_thresholds", "load_thresholds",
+           "save_thresholds"]
 
 #: Straight through / second check (SMS, face check) / human review — the fraud tiers of the reference guide.
 DEFAULT_TIERS = ("auto", "verify", "review")
@@ -236,6 +239,73 @@ def fit_thresholds(
         )
         thresholds[0] = thresholds[1]
     return Triage(tuple(thresholds), tiers)
+
+
+#: the ``"format"`` field of a thresholds file (:func:`save_thresholds`)
+THRESHOLDS_FORMAT = "mcu-triage-thresholds/1"
+
+
+def save_thresholds(path: str | os.PathLike[str], triage: Triage, *, score: str) -> None:
+    """Write ``triage`` and the uncertainty score it was fitted on as a JSON file (``mcu serve --triage``).
+
+    The file is ``{"format": "mcu-triage-thresholds/1", "score": ..., "thresholds": [...], "tiers": [...]}``;
+    infinite thresholds (an empty tier) are written as the strings ``"inf"`` / ``"-inf"`` (JSON has no
+    infinity).
+
+    Args:
+        path: the file to write.
+        triage: the thresholds, e.g. from :func:`fit_thresholds`.
+        score: the name of the uncertainty the thresholds apply to, e.g. ``"predictive_entropy"``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "triage.json"
+        >>> save_thresholds(path, Triage((0.1, math.inf)), score="predictive_entropy")
+        >>> load_thresholds(path)
+        (Triage(thresholds=(0.1, inf), tiers=('auto', 'verify', 'review')), 'predictive_entropy')
+    """
+    if not isinstance(triage, Triage):
+        raise InputError(f"triage: expected a Triage, got {type(triage).__qualname__}.")
+    if not isinstance(score, str) or not score:
+        raise InputError(f"score: expected the name of the uncertainty score, got {score!r}.")
+    thresholds = [t if math.isfinite(t) else ("inf" if t > 0 else "-inf") for t in triage.thresholds]
+    content = {"format": THRESHOLDS_FORMAT, "score": score, "thresholds": thresholds, "tiers": list(triage.tiers)}
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(content, file, indent=2)
+        file.write("\n")
+
+
+def load_thresholds(path: str | os.PathLike[str]) -> tuple[Triage, str]:
+    """Read a file written by :func:`save_thresholds`: the :class:`Triage` and its score name.
+
+    Raises:
+        InputError: the file is not valid JSON or not a thresholds file (the message names the field).
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            content = json.load(file)
+    except OSError as exc:
+        raise InputError(f"path: cannot read the thresholds file {os.fspath(path)!r}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"path: {os.fspath(path)!r} is not valid JSON ({exc}).") from exc
+    where = f"thresholds file {os.fspath(path)!r}"
+    if not isinstance(content, dict) or content.get("format") != THRESHOLDS_FORMAT:
+        raise InputError(f"{where}: expected a JSON object with \"format\": {THRESHOLDS_FORMAT!r} "
+                         "(written by mcu.triage.save_thresholds).")
+    score, thresholds, tiers = content.get("score"), content.get("thresholds"), content.get("tiers")
+    if not isinstance(score, str) or not score:
+        raise InputError(f"{where}: field 'score': expected a score name, got {score!r}.")
+    if not isinstance(thresholds, list) or not isinstance(tiers, list):
+        raise InputError(f"{where}: fields 'thresholds' and 'tiers': expected lists, got {thresholds!r} and {tiers!r}.")
+    values = []
+    for t in thresholds:
+        if t in ("inf", "-inf"):
+            values.append(float(t))
+        elif isinstance(t, (int, float)) and not isinstance(t, bool):
+            values.append(float(t))
+        else:
+            raise InputError(f"{where}: field 'thresholds': expected numbers (or \"inf\"/\"-inf\"), got {t!r}.")
+    return Triage(tuple(values), tuple(tiers)), score
 
 
 def _review_threshold(u_sorted: np.ndarray, rate: float) -> float:

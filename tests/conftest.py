@@ -23,7 +23,7 @@ _MODULE = {"torch": "torch", "tensorflow": "tensorflow"}
 
 
 #: module -> the backend it belongs to (a module whose backend is in MCU_REQUIRE_BACKENDS must import)
-_BACKEND_OF = {"torch": "torch", "tensorflow": "tensorflow", "keras": "tensorflow"}
+_BACKEND_OF = {"torch": "torch", "tensorflow": "tensorflow", "keras": "tensorflow", "transformers": "torch"}
 #: modules that MCU_REQUIRE_RAY=1 makes mandatory
 _RAY_MODULES = ("ray", "pyarrow")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 
-from tests.conftest import require_backend
+from tests.conftest import require_backend, require_module
 
 
 def test_bench_smoke(tmp_path, capsys):
@@ -122,7 +122,7 @@ def test_transformer_bench_rows_report_dense_gflops_against_the_matmul_peak(tmp_
     require_backend("tensorflow")
     import pytest
 
-    pytest.importorskip("transformers")
+    require_module("transformers")
     from benchmarks.__main__ import main
 
     out = tmp_path / "results"

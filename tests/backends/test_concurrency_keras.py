@@ -15,10 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from tests.conftest import require_module
+
 import mcu
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
+keras = require_module("keras")
+tf = require_module("tensorflow")
 L = keras.layers
 
 SAMPLERS, CALLS, T = 4, 2, 16

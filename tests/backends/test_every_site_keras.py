@@ -19,10 +19,12 @@ import warnings
 import numpy as np
 import pytest
 
+from tests.conftest import require_module
+
 import mcu
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
+keras = require_module("keras")
+tf = require_module("tensorflow")
 L = keras.layers
 
 T = 200

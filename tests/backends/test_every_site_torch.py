@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import mcu
-from tests.conftest import require_backend
+from tests.conftest import require_backend, require_module
 
 require_backend("torch")
 import torch  # noqa: E402
@@ -161,7 +161,7 @@ class Logits(nn.Module):
 
 
 def _bert(attn_implementation: str, hidden: float = 0.0, attention: float = 0.3):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16, num_labels=3,
                                      hidden_dropout_prob=hidden, attention_probs_dropout_prob=attention)
@@ -171,7 +171,7 @@ def _bert(attn_implementation: str, hidden: float = 0.0, attention: float = 0.3)
 
 
 def _gpt2():
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
                                      resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.3, num_labels=2,
                                      pad_token_id=0)
@@ -180,7 +180,7 @@ def _gpt2():
 
 
 def _vit():
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=32, num_labels=3,
                                     hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.3)

@@ -7,7 +7,7 @@ import pytest
 
 import mcu
 from mcu.structured import Batch, output_keys, select_output
-from tests.conftest import require_backend
+from tests.conftest import require_backend, require_module
 
 
 def _ids(n: int = 4, length: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
@@ -19,7 +19,7 @@ def _ids(n: int = 4, length: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
 
 def _hf(kind: str):
     require_backend("torch")
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     import torch
 
     torch.manual_seed(0)
