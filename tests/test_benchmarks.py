@@ -120,8 +120,6 @@ def test_transformer_bench_rows_report_dense_gflops_against_the_matmul_peak(tmp_
     matmul peak rows of the same run, the spread of the samples, and the train() loop as a reference."""
     require_backend("torch")
     require_backend("tensorflow")
-    import pytest
-
     require_module("transformers")
     from benchmarks.__main__ import main
 
