@@ -70,7 +70,7 @@ SAMPLE_ARGS = ("model", "x", "n_samples", "strategy", "chunk_size", "precision",
                "max_memory", "workers", "return_info")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(backend: str):
     from tests import _models
 
@@ -82,7 +82,7 @@ def _setup(backend: str):
 
 
 def bad_inputs(x: np.ndarray):
-    n, d = x.shape
+    d = x.shape[1]
     with_nan = x.copy()
     with_nan[0, 0] = np.nan
     objects = x.astype(object)
