@@ -70,7 +70,7 @@ SAMPLE_ARGS = ("model", "x", "n_samples", "strategy", "chunk_size", "precision",
                "max_memory", "workers", "return_info")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(backend: str):
     from tests import _models
 
@@ -82,7 +82,7 @@ def _setup(backend: str):
 
 
 def bad_inputs(x: np.ndarray):
-    n, d = x.shape
+    d = x.shape[1]
     with_nan = x.copy()
     with_nan[0, 0] = np.nan
     objects = x.astype(object)
@@ -94,7 +94,7 @@ def bad_inputs(x: np.ndarray):
 
 
 def _sample_kwargs(backend: str, x: np.ndarray):
-    return st.fixed_dictionaries({}, optional={
+    return st.fixed_dictionaries({"x": st.one_of(st.just(x), bad_inputs(x))}, optional={
         "n_samples": maybe(st.integers(1, 3)),
         "strategy": maybe(st.sampled_from(["auto", "loop", "vectorized", "prefix", "parallel"])),
         "chunk_size": maybe(st.integers(1, 40)),
@@ -104,7 +104,6 @@ def _sample_kwargs(backend: str, x: np.ndarray):
         "max_memory": maybe(st.integers(1, 10**9)),
         "workers": maybe(st.integers(1, 3)),
         "precision": maybe(st.just("fp32")),
-        "x": maybe(st.just(x), bad_inputs(x)),
     })
 
 
@@ -143,7 +142,7 @@ def test_fuzz_predict():
     zoo, model, x, _ = _setup("torch")
 
     @settings(FUZZ, max_examples=80)
-    @given(st.fixed_dictionaries({}, optional={
+    @given(st.fixed_dictionaries({"x": st.one_of(st.just(x), bad_inputs(x))}, optional={
         "n_samples": maybe(st.one_of(st.integers(1, 4), st.just("auto"))),
         "task": maybe(st.sampled_from(["classification", "regression"])),
         "from_logits": maybe(st.booleans()),
@@ -156,7 +155,6 @@ def test_fuzz_predict():
         "heteroscedastic": maybe(st.booleans()),
         "engine": maybe(st.just("local")),
         "unknown": BAD,
-        "x": maybe(st.just(x), bad_inputs(x)),
     }))
     def run(kwargs):
         before = zoo.snapshot(model)
