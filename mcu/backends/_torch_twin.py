@@ -390,9 +390,9 @@ def _missing(expected: list, got: list, names: dict[int, str]) -> str:
 def _no_sites(model: nn.Module) -> str:
     zero = [name for name, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     extra = (f" Its dropout modules ({', '.join(zero[:5])}) have rate 0, which is not dropout." if zero else "")
-    return (f"model: {type(model).__qualname__} runs no dropout (nor any other random operation) in training mode, "
-            f"so every MC sample would be identical; expected dropout with a rate > 0 (nn.Dropout*, F.dropout, "
-            f"attention or RNN dropout).{extra}")
+    return (f"model: {type(model).__qualname__} has no dropout module (nor functional, attention or RNN dropout, "
+            f"nor any other random operation) that runs in training mode, so every MC sample would be identical; "
+            f"expected dropout with a rate > 0.{extra}")
 
 
 def _scripted_twin(model: nn.Module, mode: str, x: Any, run: Callable[[nn.Module, Any], Any],

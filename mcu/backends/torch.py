@@ -284,12 +284,17 @@ class TorchBackend:
         return t.cpu().numpy()
 
 
+#: Frames of torch and of this backend's own wrappers (the twin's probe and dropout, the split's functions): an
+#: exception raised there is an op refusing its tensors, not the model's own code.
+_FRAMEWORK_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+
+
 def _raised_by_torch(exc: BaseException) -> bool:
     """Whether the innermost Python frame of ``exc`` is torch's (an op refused its tensors), not the model's."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is None or tb.tb_frame.f_code.co_filename.startswith(os.path.dirname(torch.__file__))
+    return tb is None or tb.tb_frame.f_code.co_filename.startswith(_FRAMEWORK_DIRS)
 
 
 class _ActivationMeter:
