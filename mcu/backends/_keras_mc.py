@@ -42,6 +42,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mcu.errors import DropoutSiteWarning
+
 __all__ = [
     "DROPOUT_TYPES",
     "Session",
@@ -159,7 +161,7 @@ def check_reached(layers: Sequence[Any], reached: set[int], ran: str) -> None:
     warnings.warn(
         f"mcu: dropout site(s) {missing} did not run during {ran}: they add no randomness to the samples (a "
         "layer counts when it is called, as layer(x), during the forward pass).",
-        RuntimeWarning, stacklevel=3,
+        DropoutSiteWarning, stacklevel=3,
     )
 
 
@@ -186,18 +188,25 @@ def _seed_values(key: tf.Tensor, count: int) -> tf.Tensor:
     return tf.reshape(tf.cast(tf.bitwise.bitwise_and(words, 0x7FFFFFFF), tf.int64), [count, 2])
 
 
+def _numpy_seed_values(key: int, count: int) -> np.ndarray:
+    """:func:`_seed_values` for Keras on JAX or PyTorch (no TensorFlow op): ``(count, 2)`` in ``[0, 2**31)``."""
+    words = np.random.SeedSequence([key & 0xFFFFFFFF, key >> 32]).generate_state(2 * count, np.uint32)
+    return (words & np.uint32(0x7FFFFFFF)).astype(np.int64).reshape(count, 2)
+
+
 @contextlib.contextmanager
 def active(sites: Sites, key: tf.Tensor | None, *, force: bool = True,
            reached: set[int] | None = None) -> Iterator[None]:
     """Run the enclosed Keras calls as an MC pass: ``sites`` with ``training=True`` (``force``), every seed
-    generator of the model seeded from ``key`` (``(1,)`` uint64; None: their current states), no variable
-    written. ``reached`` collects the ids of the sites that were called."""
+    generator of the model seeded from ``key`` (``(1,)`` uint64, a tensor, or a numpy array for Keras on JAX
+    or PyTorch; None: their current states), no variable written. ``reached`` collects the ids of the sites that were called."""
     outer = _STATE.get()
     state = _State(force=sites.ids if force else frozenset(), sites=sites.ids, reached=reached,
                    meter=None if outer is None else outer.meter)
     mapping = []
     if key is not None and sites.generators:
-        values = _seed_values(key, len(sites.generators))
+        values = _seed_values(key, len(sites.generators)) if tf.is_tensor(key) else _numpy_seed_values(
+            int(np.asarray(key).reshape(-1)[0]), len(sites.generators))
         mapping = [(g.state, values[i]) for i, g in enumerate(sites.generators)]
     token = _STATE.set(state)
     try:

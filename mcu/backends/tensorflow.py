@@ -30,8 +30,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import record as _tape_record
 
-from mcu.backends import _keras_graph, _keras_mc
-from mcu.errors import InputError, MCUError, NoDropoutError
+from mcu.backends import _keras_graph, _keras_mc, _keras_portable
+from mcu.errors import DropoutSiteWarning, InputError, MCUError, NoDropoutError
 from mcu.structured import Batch, is_structured, select_output
 
 __all__ = ["KerasBackend"]
@@ -72,7 +72,8 @@ def _model_error(model: Any, x: tf.Tensor, exc: BaseException) -> MCUError:
     first = tf.nest.flatten(x)[0]
     shape = tuple(first.shape[1:]) if tf.is_tensor(x) else tf.nest.map_structure(lambda t: tuple(t.shape[1:]), x)
     if isinstance(exc, (ValueError, TypeError, tf.errors.InvalidArgumentError)) and _raised_by_framework(exc):
-        return InputError(f"x: the model rejected inputs of per-example shape {shape} and dtype {first.dtype.name} "
+        dtype = getattr(first.dtype, "name", str(first.dtype))
+        return InputError(f"x: the model rejected inputs of per-example shape {shape} and dtype {dtype} "
                           f"(a pass of {first.shape[0]} rows): {exc}")
     return InputError(f"model: {type(model).__qualname__} raised {type(exc).__name__} during a forward pass on x of "
                       f"per-example shape {shape}: {exc} (the original exception is the cause)")
@@ -166,7 +167,7 @@ class KerasBackend:
                 "`training` and own a random seed generator but are not dropout layers mcu knows: they run with "
                 "training=False while sampling (no randomness from them). If they implement dropout, build them "
                 "from keras.layers.Dropout.",
-                RuntimeWarning, stacklevel=4,
+                DropoutSiteWarning, stacklevel=4,
             )
         return sites
 
@@ -211,6 +212,9 @@ class KerasBackend:
         model on every call; the user's model and the global dtype policy are untouched)."""
         if precision == "fp32":
             return model
+        if _keras_portable.PORTABLE:
+            raise InputError(f"precision: {precision!r} on the tensorflow backend needs Keras on TensorFlow (this Keras "
+                             f"runs on {_keras_portable.NAME!r}); expected precision='fp32'.")
         if precision == "fp16" and not _native_fp16():
             warnings.warn(
                 "precision='fp16': this machine has no native float16 arithmetic (no GPU, no AVX512-FP16 CPU); "
@@ -236,7 +240,12 @@ class KerasBackend:
         so nothing traced for it is reused for plain tensors or the other way round), or a dict/tuple of them
         (a :class:`~mcu.structured.Batch`: the model is called with the dict, or the tuple as a list)."""
         if is_structured(x):
+            if _keras_portable.PORTABLE:
+                raise InputError("x: structured inputs (a dict or tuple) need Keras on TensorFlow for now; pass one "
+                                 "array.")
             return Batch.convert(x, lambda leaf, name: self._leaf(model, leaf, name))
+        if _keras_portable.PORTABLE:
+            return _keras_portable.to_tensor(x)
         return self._leaf(model, x, "x")
 
     def _leaf(self, model: keras.layers.Layer, x: Any, argument: str) -> tf.Tensor:
@@ -304,6 +313,8 @@ class KerasBackend:
         session = _keras_mc.session(model)
         if session is None or session.mode is None:
             raise RuntimeError("KerasBackend.forward must run inside mc_mode()")
+        if _keras_portable.PORTABLE:
+            return self._portable_forward(model, session, x)
         key = session.stream.next_key()
         try:
             if _keras_mc.metering_now():  # traced by activation_bytes: run the Python, seen with static shapes
@@ -323,12 +334,32 @@ class KerasBackend:
         tuple or dict output."""
         return select_output(out, output, tf.is_tensor)
 
+    def _portable_forward(self, model: keras.layers.Layer, session: _keras_mc.Session, x: Any) -> Any:
+        """An eager pass for Keras on JAX or PyTorch (:mod:`._keras_portable`); the sites reached are checked
+        once per model and dropout configuration."""
+        with self._lock:
+            entry = self._compiled.setdefault(model, {"lock": threading.Lock(), "functions": {}})
+        checked = entry["functions"].get(("portable", session.sites.signature))
+        reached: set[int] | None = None if checked else set()
+        try:
+            out = _keras_portable.forward(model, x, session, session.stream.take(1), reached)
+        except MCUError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified: the input's fault or the model's, original as cause
+            raise _model_error(model, x, exc) from exc
+        if reached is not None:
+            _keras_mc.check_reached(session.sites.layers, reached, "a forward pass")
+            entry["functions"][("portable", session.sites.signature)] = True
+        return out
+
     # ---- fast paths ------------------------------------------------------------------------------------------
 
     def split(self, model: keras.layers.Layer, x: tf.Tensor) -> tuple[Any, str]:
         """A validated prefix/suffix split of a Functional/Sequential model (see :mod:`._keras_graph`)."""
         if isinstance(x, Batch):
             return None, "the model takes structured inputs; prefix caching supports one input tensor"
+        if _keras_portable.PORTABLE:
+            return None, _keras_portable.unsplittable()
         session = _keras_mc.session(model)
         sites = session.sites if session is not None and session.sites is not None else self.sites(model)
         with _tape_record.stop_recording():  # validation runs the model eagerly
@@ -352,6 +383,8 @@ class KerasBackend:
         """Bytes of all leaf-layer outputs produced by ``run()`` (plus the fast suffix's masked and repeated
         tensors): a rough per-pass memory estimate from static shapes. ``run`` is traced, not executed (see
         :func:`_keras_graph.activation_bytes`); only this context's calls are metered."""
+        if _keras_portable.PORTABLE:
+            return None
         try:
             with _tape_record.stop_recording():
                 return _keras_graph.activation_bytes(run) or None
@@ -359,14 +392,20 @@ class KerasBackend:
             return None
 
     def nbytes(self, t: tf.Tensor) -> int:
+        if _keras_portable.PORTABLE:
+            return _keras_portable.nbytes(t)
         return int(tf.size(t)) * t.dtype.size
 
     def repeat(self, x: tf.Tensor | Batch, n: int) -> tf.Tensor | Batch:
         if isinstance(x, Batch):
             return x.map(lambda t: tf.tile(t, [n] + [1] * (len(t.shape) - 1)))
+        if _keras_portable.PORTABLE:
+            return _keras_portable.repeat(x, n)
         return tf.tile(x, [n] + [1] * (len(x.shape) - 1))
 
     def to_numpy(self, t: tf.Tensor) -> np.ndarray:
+        if _keras_portable.PORTABLE:
+            return _keras_portable.to_numpy(t)
         if t.dtype in (tf.bfloat16, tf.float16):
             t = tf.cast(t, tf.float32)
         return t.numpy()
