@@ -148,7 +148,7 @@ def _shifts(b: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _keep_bits(keep: float) -> tuple[int, int]:
+def keep_bits(keep: float) -> tuple[int, int]:
     """``(b, q)`` with ``keep == q / 2**b`` for the smallest ``b`` in 1, 2, 4, 8 (dyadic keep rates: 0.5, 0.75,
     0.9375, any multiple of 1/256); otherwise ``(0, q)`` with ``q`` the first 104 bits of ``keep``'s expansion."""
     q = int(Fraction(keep) * (1 << _EXPANSION))
@@ -177,7 +177,7 @@ def bernoulli_masks(shape: tuple[int, ...], keep: float, streams: Streams, devic
     k, n = len(streams), math.prod(shape)
     if not 0.0 < keep < 1.0:
         return torch.full((k,) + tuple(shape), int(keep >= 1.0), dtype=torch.uint8, device=device)
-    b, q = _keep_bits(keep)
+    b, q = keep_bits(keep)
     if b:
         per_byte = 8 // b
         n_bytes = -(-n // per_byte)

@@ -30,6 +30,7 @@ stacked copies that the vectorized and prefix strategies run in one pass: ``stac
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from mcu.backends._torch_rng import Streams, bernoulli_masks, keep_bits
 from mcu.structured import Batch
 
 __all__ = ["Twin", "RANDOM_FUNCTIONS", "fingerprint", "is_random_call", "twin_of"]
@@ -155,56 +157,70 @@ class Twin:
     stacking_problem: str | None = None
     #: a twin that runs every module in eval mode (dropout off), sharing the same tensors, for validating splits
     inference: nn.Module | None = None
-    #: whether some random operation draws from torch's global generators when the call has its own
-    #: generator (functional, attention and RNN dropout, AlphaDropout, ...): seeding then needs them
+    #: whether some random operation draws from torch's global generators even when the call has its own
+    #: stream (functional, attention and RNN dropout, AlphaDropout, ...): seeding then needs them
     global_rng: bool = True
     _state: tuple = field(default=(), repr=False)
 
 
-#: The generator of the sampling call running in this thread (``seeded``); dropout modules of a twin draw
-#: their masks from it, so a seeded call neither needs nor disturbs torch's global generators.
+#: The random stream of the sampling call running in this thread: dropout modules of a twin draw their masks
+#: from it (packed random bits, :func:`mcu.backends._torch_rng.bernoulli_masks`), so a call neither needs nor
+#: disturbs torch's global generators, and a mask costs a fraction of a ``bernoulli_`` draw per element.
 _CALL = threading.local()
 #: The batched input rank of the channel dropouts (other ranks draw from the global generator, as native).
 _CHANNEL_RANK = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
 _OWN_MASKS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
-def call_generator(generator: torch.Generator | None) -> Any:
-    """Context manager: ``generator`` is this thread's sampling generator inside the block."""
-    return _Generator(generator)
+def call_streams(streams: Streams | None, generator: torch.Generator | None = None) -> Any:
+    """Context manager: ``streams`` (one stream: :class:`~mcu.backends._torch_rng.Streams` of one seed) and
+    ``generator`` (seeded calls: small masks draw from it) are this thread's sampling sources in the block."""
+    return _CallStreams(streams, generator)
 
 
-class _Generator:
-    def __init__(self, generator: torch.Generator | None) -> None:
-        self.generator = generator
+class _CallStreams:
+    def __init__(self, streams: Streams | None, generator: torch.Generator | None) -> None:
+        self.sources = (streams, generator)
 
     def __enter__(self) -> None:
-        self.previous = getattr(_CALL, "generator", None)
-        _CALL.generator = self.generator
+        self.previous = (getattr(_CALL, "streams", None), getattr(_CALL, "generator", None))
+        _CALL.streams, _CALL.generator = self.sources
 
     def __exit__(self, *exc: Any) -> None:
-        _CALL.generator = self.previous
+        _CALL.streams, _CALL.generator = self.previous
 
+
+#: Masks of at least this many elements come from the call's stream (a fixed cost of ~40 us, ~110 us for rates
+#: that need the exact tie step, against ~10 ns per element for ``bernoulli_``); smaller ones from
+#: ``bernoulli_`` with the call's generator (seeded) or natively (unseeded).
+STREAM_MIN_ELEMENTS = {True: 4096, False: 32768}  # keyed by "the keep rate is dyadic"
 
 def _own_masks(module: nn.Module) -> bool:
-    """A dropout module whose masks a twin draws from the call's generator."""
+    """A dropout module whose masks a twin draws from the call's stream."""
     return type(module) in _OWN_MASKS and 0.0 < module.p < 1.0
 
 
-def _generator_dropout(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module.forward`` in training mode, with masks from the call's generator when it has one (the same
-    distribution as ``F.dropout``: Bernoulli(1 - p) per element, or per channel, scaled by 1 / (1 - p))."""
+def _stream_dropout(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module.forward`` in training mode, with masks from the call's stream when it has one (the distribution
+    of ``F.dropout``: exact Bernoulli(1 - p) per element, or per channel, scaled by 1 / (1 - p))."""
     native = type(module).forward
     rank = _CHANNEL_RANK.get(type(module))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        generator = getattr(_CALL, "generator", None)
-        if generator is None or not module.training or (rank is not None and x.dim() != rank):
+        streams, generator = getattr(_CALL, "streams", None), getattr(_CALL, "generator", None)
+        if (streams is None and generator is None) or not module.training or (rank is not None and x.dim() != rank):
             return native(module, x)
         keep = 1.0 - module.p
-        shape = x.shape if rank is None else x.shape[:2] + (1,) * (x.dim() - 2)
-        noise = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep, generator=generator)
-        return x * noise.div_(keep)
+        shape = tuple(x.shape) if rank is None else tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
+        if streams is not None and math.prod(shape) >= STREAM_MIN_ELEMENTS[keep_bits(keep)[0] > 0]:
+            mask = bernoulli_masks(shape, keep, streams, x.device)[0]
+        elif generator is not None:
+            mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep, generator=generator)
+        else:
+            return native(module, x)
+        if rank is not None or mask.dtype != torch.uint8:  # small (channel) masks: scale them, then one pass
+            return x.mul(mask.to(x.dtype).mul_(1.0 / keep))
+        return x.mul(mask).mul_(1.0 / keep)
 
     return forward
 
@@ -365,7 +381,7 @@ def build(model: nn.Module, mode: str, x: Any, run: Callable[[nn.Module, Any], A
     inference, _ = _copy_tree(model, lambda m: False)
     own = {i for i in stochastic if _own_masks(memo[i])}
     for i in own:
-        memo[i].__dict__["forward"] = _generator_dropout(memo[i])
+        memo[i].__dict__["forward"] = _stream_dropout(memo[i])
     return Twin(module, mode, frozenset(memo[i] for i in stochastic if i in memo),
                 frozenset(memo[i] for i in train if i in memo), _sites(calls, names),
                 _stacking_problem(passes[0], passes[1], names), inference,
@@ -392,7 +408,7 @@ def _no_sites(model: nn.Module) -> str:
     extra = (f" Its dropout modules ({', '.join(zero[:5])}) have rate 0, which is not dropout." if zero else "")
     return (f"model: {type(model).__qualname__} has no dropout module (nor functional, attention or RNN dropout, "
             f"nor any other random operation) that runs in training mode, so every MC sample would be identical; "
-            f"expected dropout with a rate > 0.{extra}")
+            f"expected dropout with a rate > 0 (nn.Dropout*, F.dropout, attention or RNN dropout).{extra}")
 
 
 def _scripted_twin(model: nn.Module, mode: str, x: Any, run: Callable[[nn.Module, Any], Any],

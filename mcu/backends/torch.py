@@ -112,7 +112,10 @@ class TorchBackend:
         if x is None:
             raise TypeError("TorchBackend.mc_mode needs the converted input x (the twin is probed with it)")
         twin = self.twin(model, mode, x)
-        with torch.no_grad():
+        device, _ = _model_device_dtype(model)
+        # The twin's dropout modules draw from this stream (fresh entropy; seeded() replaces it for a seed).
+        entropy = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+        with torch.no_grad(), _torch_twin.call_streams(_torch_rng.Streams([entropy], device)):
             yield twin.module
 
     def stacking_problem(self, model: torch.nn.Module, split: Any = None) -> str | None:
@@ -123,16 +126,16 @@ class TorchBackend:
     @contextlib.contextmanager
     def seeded(self, model: torch.nn.Module, seed: int | None) -> Iterator[None]:
         """Reproducible from ``seed`` inside the block (``model``: the twin the passes run on). The twin's
-        dropout modules draw from a generator of the call's own; only when some random operation draws from
+        dropout modules draw from a stream of the call's own; only when some random operation draws from
         torch's global generators (functional, attention or RNN dropout, ...) are those seeded too — under a
         process-wide lock, and restored afterwards, so the user's random stream is not disturbed."""
         if seed is None:
             yield
             return
         device, _ = _model_device_dtype(model)
-        generator = torch.Generator(device).manual_seed(seed)
         twin = _twin_info(model)
-        with _torch_twin.call_generator(generator):
+        generator = torch.Generator(device).manual_seed(seed)
+        with _torch_twin.call_streams(_torch_rng.Streams([seed], device), generator):
             if twin is not None and not twin.global_rng:
                 yield
                 return

@@ -124,4 +124,6 @@ def test_concurrent_predict_calls_agree_with_a_serial_call():
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda _: mcu.predict(model, x, n_samples=30, seed=3).mean, range(8)))
     for mean in got:
-        np.testing.assert_array_equal(mean, expected)
+        # the same masks; auto may time a different block size in each thread, which only changes the order of
+        # floating-point sums (a seeded auto compares configurations with identical masks)
+        np.testing.assert_allclose(mean, expected, rtol=1e-6, atol=1e-7)
