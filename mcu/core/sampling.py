@@ -89,7 +89,8 @@ class SamplingSession:
         check_int(seed, "seed", minimum=0, maximum=MAX_SEED, allow_none=True)
         check_int(max_memory, "max_memory", minimum=1, allow_none=True)
         check_int(workers, "workers", minimum=1, allow_none=True)
-        if not (output is None or callable(output) or (isinstance(output, (str, int)) and not isinstance(output, bool))):
+        named = isinstance(output, (str, int)) and not isinstance(output, bool)
+        if not (output is None or callable(output) or named):
             raise InputError(f"output: expected {OUTPUT_HELP}, got {output!r}.")
         for name, leaf in _leaves(x):
             if isinstance(leaf, np.ndarray) and leaf.dtype.kind not in "biufc":
@@ -106,29 +107,32 @@ class SamplingSession:
                          seeded=seed is not None, output=output)
         self._requested, self._mode, self._hint = strategy, mode, n_samples_hint
         self.info = SampleInfo(impl.name, choice.reason, strategy, "", chunk_size, precision, mode)
-        self._contexts = [impl.mc_mode(model, mode, tensor), impl.precision(model, precision), None]
+        self._mc_mode, self._precision = impl.mc_mode(model, mode, tensor), impl.precision(model, precision)
         self._seed = seed
         self._entered: list[Any] = []
         self._spread_checked = False
 
     def __enter__(self) -> "SamplingSession":
         try:
-            for context in self._contexts[:2]:  # MC mode and precision: the strategy probe needs both
-                runner = context.__enter__()
-                self._entered.append(context)
-                if context is self._contexts[0] and runner is not None:
-                    self.plan.model = runner  # what the passes run on (PyTorch: the model's sampling twin)
+            # MC mode and precision first: the strategy probe needs both
+            runner = self._enter(self._mc_mode)
+            if runner is not None:
+                self.plan.model = runner  # what the passes run on (PyTorch: the model's sampling twin)
+            self._enter(self._precision)
             self.strategy, self.info.strategy_reason = prepare(self.plan, self._requested, self._hint, self._mode)
             self.info.strategy = self.strategy.name
             self.info.details["copies_per_pass"] = self.plan.copies
             # seeding last (the probe must not consume the seeded stream), for what the passes run on
-            self._contexts[2] = self.plan.backend.seeded(self.plan.model, self._seed)
-            self._contexts[2].__enter__()
-            self._entered.append(self._contexts[2])
+            self._enter(self.plan.backend.seeded(self.plan.model, self._seed))
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
+
+    def _enter(self, context: Any) -> Any:
+        value = context.__enter__()
+        self._entered.append(context)
+        return value
 
     def __exit__(self, *exc_info: Any) -> None:
         while self._entered:
