@@ -332,7 +332,8 @@ class KerasBackend:
     def select_output(self, out: Any, output: Any) -> tf.Tensor:
         """The tensor to sample from a pass's output: ``out`` itself, or what ``output`` selects from a list,
         tuple or dict output."""
-        return select_output(out, output, tf.is_tensor)
+        is_tensor = keras.ops.is_tensor if _keras_portable.PORTABLE else tf.is_tensor  # JAX / torch arrays there
+        return select_output(out, output, is_tensor)
 
     def _portable_forward(self, model: keras.layers.Layer, session: _keras_mc.Session, x: Any) -> Any:
         """An eager pass for Keras on JAX or PyTorch (:mod:`._keras_portable`); the sites reached are checked
