@@ -22,8 +22,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mcu._lazy import lazy_attributes
 
 __all__ = ["ModelSource", "RunSummary", "load_model", "predict", "query", "read_prediction"]
 
@@ -37,23 +36,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'mcu.distributed' has no attribute {name!r}")
-    try:
-        module = importlib.import_module(_LAZY[name])
-    except ImportError as exc:
-        if exc.name is not None and exc.name.split(".")[0] in ("ray", "pyarrow", "pandas"):
-            from mcu.errors import BackendNotInstalledError
+_EXTRAS = {"ray": "ray", "pyarrow": "ray", "pandas": "ray"}
 
-            raise BackendNotInstalledError(
-                f"mcu.distributed.{name} needs Ray Data ({exc.name} is missing): pip install \"mcu[ray]\"."
-            ) from exc
-        raise
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_attributes("mcu.distributed", _LAZY, _EXTRAS, globals())

@@ -18,8 +18,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mcu._lazy import lazy_attributes
 
 __all__ = ["RequestError", "Service", "create_app", "load_reference", "ray_deployment", "save_reference"]
 
@@ -34,24 +33,4 @@ _LAZY = {
 _EXTRAS = {"starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve", "ray": "ray"}
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'mcu.serve' has no attribute {name!r}")
-    try:
-        module = importlib.import_module(_LAZY[name])
-    except ImportError as exc:
-        top = (exc.name or "").split(".")[0]
-        if top in _EXTRAS:
-            from mcu.errors import BackendNotInstalledError
-
-            raise BackendNotInstalledError(
-                f"mcu.serve.{name} needs {top} (not installed): pip install \"mcu[{_EXTRAS[top]}]\"."
-            ) from exc
-        raise
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_attributes("mcu.serve", _LAZY, _EXTRAS, globals())
