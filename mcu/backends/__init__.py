@@ -19,7 +19,7 @@ __all__ = ["REGISTRY", "detect", "get_backend", "installed_frameworks", "resolve
 
 #: canonical name -> (implementation, distributions that provide the framework, pip extra)
 REGISTRY: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "tensorflow": ("mcu.backends.tensorflow:KerasBackend", ("tensorflow", "tensorflow-cpu", "keras"), "tensorflow"),
+    "tensorflow": ("mcu.backends.keras:KerasBackend", ("tensorflow", "tensorflow-cpu", "keras"), "tensorflow"),
     "torch": ("mcu.backends.torch:TorchBackend", ("torch",), "torch"),
 }
 

@@ -22,6 +22,7 @@ import time
 import weakref
 from typing import Any, Iterator
 
+from mcu.backends.base import has_fast_paths
 from mcu.errors import InputError
 from mcu.strategies import STRATEGIES
 from mcu.strategies.base import Plan, SeedStream
@@ -44,8 +45,10 @@ DEFAULT_ROWS = {"vectorized": VECTORIZED_ROWS, "prefix": PREFIX_ROWS, "parallel"
 
 def _attach_split(plan: Plan) -> str:
     """Ask the backend for a validated split of the model; keep it on the plan. Returns the reason."""
-    split_fn = getattr(plan.backend, "split", None)
-    split, why = split_fn(plan.model, plan.x) if split_fn else (None, f"the {plan.backend.name} backend cannot split models")
+    if has_fast_paths(plan.backend):
+        split, why = plan.backend.split(plan.model, plan.x)
+    else:
+        split, why = None, f"the {plan.backend.name} backend cannot split models"
     plan.split = split
     return why
 
@@ -88,7 +91,7 @@ def _within_budget(plan: Plan, strategy: Any, reason: str, n_samples: int) -> st
 
 def _key(plan: Plan, n_samples: int) -> tuple:
     return (tuple(plan.x.shape), str(plan.x.dtype), plan.chunk_size, plan.max_memory, min(n_samples, _COPIES[-1]),
-            plan.precision, plan.seeded, plan.split is not None, getattr(plan.split, "native_rng", None))
+            plan.precision, plan.seeded, plan.split is not None, plan.split.native_rng if plan.split is not None else None)
 
 
 def _isolated(plan: Plan, measure: Any) -> Any:
@@ -168,7 +171,7 @@ def _prefix_limit(plan: Plan, budget: int, n_samples: int) -> tuple[int, int]:
     (measured; under the backend's ``seeded`` block)."""
     backend, rows = plan.backend, plan.n_rows
     frontier = plan.split.prefix(plan.x)
-    if getattr(plan.split, "fused", None):
+    if plan.split.fused:
         # Fused pairs build per-example tables shared by all copies, for all examples at once or in row
         # blocks of `step` examples: one row block at one and two copies gives the fixed bytes (tables)
         # and the bytes per copy.
@@ -184,7 +187,7 @@ def _prefix_limit(plan: Plan, budget: int, n_samples: int) -> tuple[int, int]:
         room = budget - fixed if plan.max_memory is not None else max(budget - fixed, MIN_BUDGET)
         return _max_copies(plan, max(room, per_copy or 1), per_copy, n_samples), rows
     suffix = backend.activation_bytes(lambda: plan.split.suffix(frontier, backend.generators(plan.model, [0])))
-    stacked = 0 if getattr(plan.split, "repeats_frontier", False) else sum(backend.nbytes(f) for f in frontier)
+    stacked = 0 if plan.split.repeats_frontier else sum(backend.nbytes(f) for f in frontier)
     per_copy = None if suffix is None else suffix + stacked  # a repeated frontier buffer holds every copy
     return _max_copies(plan, budget, per_copy, n_samples), rows
 
@@ -206,9 +209,8 @@ def _workers(plan: Plan) -> int:
 def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, int, str, bool]:
     """The fastest configuration: ``(strategy, copies, reason, unfused)``; ``unfused``: run the split's variant
     without fused pairs (PyTorch: the per-channel tables only pay with enough copies per pass)."""
-    backend = plan.backend
     budget, limits, _ = _limits(plan, n_samples)
-    split, plain = plan.split, getattr(plan.split, "unfused", None)
+    split, plain = plan.split, (plan.split.unfused if plan.split is not None else None)
 
     def is_plain(variant: Any) -> bool:
         return plain is not None and variant is plain
@@ -225,9 +227,8 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
     # A seeded call only compares configurations that return the same samples (per-sample random streams).
     # Vectorized runs the whole model per copy: with a split, prefix does the same work minus the prefix with
     # cheaper masks, and wins unless the whole pass is tiny (then per-sample mask overhead decides). So with a
-    # split, vectorized is probed only for passes under TINY_PASS_SECONDS per sample (probing it on a
-    # 784-512-10 MLP cost ~20 MB of allocator and BLAS buffers for nothing). The check's loop timing counts
-    # as the first scan's.
+    # split, vectorized is probed only for passes under TINY_PASS_SECONDS per sample (every probe leaves
+    # allocator and BLAS buffers behind). The check's loop timing counts as the first scan's.
     families: list[tuple[Any, int, Any]] = []  # (strategy, most copies per pass, split variant)
     if vectorized and not plan.seeded and (plan.split is None or timed(LoopStrategy(), 1, "loop") < TINY_PASS_SECONDS):
         families.append((VectorizedStrategy(), limits["vectorized"], split))
@@ -236,11 +237,11 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
         if plain is not None:  # same samples up to rounding: also fine for a seeded call
             with _using_split(plan, plain):
                 families.append((PrefixStrategy(), _prefix_limit(plan, budget, n_samples)[0], plain))
-        if _workers(plan) > 1 and not plan.split.native_rng and getattr(backend, "worker_threads", None):
+        if _workers(plan) > 1 and not plan.split.native_rng:
             families.append((ParallelStrategy(), limits["parallel"], split))
     # Two scans, each configuration keeping its faster time: a process's first second of work runs slower
-    # and erratically (allocator and thread-pool warm-up; measured up to 4x), which one scan would bake into
-    # a choice that is cached for good.
+    # and erratically (allocator and thread-pool warm-up), which one scan would bake into a choice that is
+    # cached for good.
     scanned = [family for family in families if family[0].name != "parallel"]
     threaded = [family for family in families if family[0].name == "parallel"]
 
@@ -257,9 +258,7 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
             # powers of two, and the limit itself (all samples in one pass when the budget allows it), each as
             # the block size the call will really run (100 samples at 32 copies: 4 blocks of 25). Largest first:
             # the biggest blocks then run before the other sizes' allocator and library caches have piled up,
-            # and the family stops two sizes past its best (the benchmark CNN at N=64: 3 of 8 sizes; with the
-            # loop and worker threads re-timed only when not far behind, the first call's added peak memory went
-            # from 45 to 35 MB, medians of 10 fresh processes, the loop's 26; the call from 2.2 to 1.7 s).
+            # and the family stops two sizes past its best (fewer probes: less first-call time and memory).
             sizes = {c for c in _COPIES if c <= limit} | ({limit} if limit <= _COPIES[-1] else set())
             for copies in sorted({block_sizes(n_samples, c)[0] for c in sizes}, reverse=True):
                 name = f"{strategy.name}{'-unfused' if is_plain(variant) else ''}x{copies}"
@@ -274,7 +273,7 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
         for strategy, limit, _ in threaded:
             # Worker threads only where a block is long enough to amortise handing it to a thread, at the best
             # single-thread block size shared between the workers and twice that: every block size a worker
-            # allocates stays in its allocator arena (a full scan of sizes added ~70 MB to a pool scoring).
+            # allocates stays in its allocator arena, so a full scan of sizes would cost memory for good.
             single = min((n for n in timings if n.startswith("prefixx")), key=timings.__getitem__, default=None)
             if single is None or timings[single] * configs[single][1] < PARALLEL_MIN_BLOCK_SECONDS:
                 continue
@@ -295,8 +294,8 @@ def _probe(plan: Plan, n_samples: int, vectorized: bool = True) -> tuple[Any, in
 
 def _fused_runs_many_copies(timings: dict[str, float], configs: dict[str, tuple]) -> bool:
     """Whether the fastest fused-split prefix configuration so far runs at least UNFUSED_PROBE_COPIES copies
-    per pass (then the unfused variant is not probed: it only wins with few copies, and probing it added ~10 MB
-    of allocator and library caches on the benchmark CNN)."""
+    per pass (then the unfused variant is not probed: it only wins with few copies, and a probe leaves allocator
+    and library caches behind)."""
     fused = [name for name in timings if name.startswith("prefixx")]
     return bool(fused) and configs[min(fused, key=timings.__getitem__)][1] >= UNFUSED_PROBE_COPIES
 
@@ -341,7 +340,7 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
         cache[key] = _isolated(plan, lambda: _probe(plan, n_samples, vectorized=not stacking))
     strategy, copies, reason, unfused = cache[key]
     plan.copies = copies
-    if unfused and getattr(plan.split, "unfused", None) is not None:  # a flag, not the object: splits get rebuilt
+    if unfused and plan.split.unfused is not None:  # a flag, not the object: splits get rebuilt
         plan.split = plan.split.unfused
         why = f"{plan.split.description}; channel dropout + convolution pairs not fused (faster at {copies} copies)"
     return strategy, f"{strategy.name} with {copies} copies per pass: {reason}{_split_note(plan, why)}"
@@ -353,8 +352,7 @@ def _stacking_problem(plan: Plan, strategy: Any) -> str | None:
     share it across the copies too, unless the split draws that layer's masks per sample."""
     if strategy.name == "loop":
         return None
-    check = getattr(plan.backend, "stacking_problem", None)
-    return check(plan.model, plan.split if strategy.name in _SPLIT_STRATEGIES else None) if check else None
+    return plan.backend.stacking_problem(plan.model, plan.split if strategy.name in _SPLIT_STRATEGIES else None)
 
 
 def _split_note(plan: Plan, why: str) -> str:

@@ -55,10 +55,8 @@ class Plan:
     output: Any = None  # what to sample from a structured output (mcu.sample(output=...))
 
     def select(self, out: Any) -> Any:
-        """The sampled tensor of one pass's raw output (``output=``; a backend without structured outputs
-        returns it as it is)."""
-        select = getattr(self.backend, "select_output", None)
-        return out if select is None else select(out, self.output)
+        """The sampled tensor of one pass's raw output (``output=``)."""
+        return self.backend.select_output(out, self.output)
 
     @property
     def n_rows(self) -> int:

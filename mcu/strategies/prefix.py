@@ -44,8 +44,7 @@ def plan_blocks(plan: Plan, n_samples: int) -> tuple[list[Any], Iterator[Any], i
     object per group so that PyTorch's streams draw small masks once for all its blocks), and the number of
     blocks."""
     frontier = plan.split.prefix(plan.x)
-    row_block = getattr(plan.split, "row_block", None)  # a split running the examples in row blocks
-    copies = plan.copies_per_pass(DEFAULT_ROWS, row_block(frontier) if row_block else None)
+    copies = plan.copies_per_pass(DEFAULT_ROWS, plan.split.row_block(frontier))  # examples in row blocks?
     sizes = block_sizes(n_samples, copies)
     if not _repeats_itself(plan):
         frontier = [plan.backend.repeat(f, sizes[0]) for f in frontier]
@@ -63,7 +62,7 @@ def _block_sources(plan: Plan, sizes: Sequence[int]) -> Iterator[Any]:
 
 
 def _repeats_itself(plan: Plan) -> bool:
-    return getattr(plan.split, "repeats_frontier", False)
+    return plan.split.repeats_frontier
 
 
 class PrefixStrategy:
@@ -73,6 +72,6 @@ class PrefixStrategy:
         if plan.split is None:
             raise RuntimeError("the prefix strategy needs plan.split (prepared by mcu.strategies.auto.prepare)")
         frontier, blocks, _ = plan_blocks(plan, n_samples)
-        tables = {} if getattr(plan.split, "fused", None) else None
+        tables = {} if plan.split.fused else None
         for sources in blocks:
             yield run_block(plan, frontier, sources, tables)

@@ -1,7 +1,7 @@
 """TensorFlow / Keras 3 backend: dropout sites run with ``training=True``, everything else in inference mode
 (BatchNormalization uses its moving statistics, augmentation layers are inactive).
 
-How: nothing on the model is changed. :mod:`._keras_mc` decides the sites (dropout-family layers, RNN layers
+How: nothing on the model is changed. :mod:`.switches` decides the sites (dropout-family layers, RNN layers
 with ``dropout``/``recurrent_dropout``, attention dropout; rate 0 is no site) and switches them on inside the
 backend's traced functions only, through context-local state read by hooks installed once; every random draw
 of a pass comes from a per-pass key (a tensor argument), and no variable is written (``keras.StatelessScope``).
@@ -9,7 +9,7 @@ So concurrent calls from threads or asyncio tasks, and plain inference on the sa
 other, and a seeded call is reproducible whatever runs beside it. Forward passes run through concrete
 functions cached per model, mode, per-example input shape and dtype, and dropout configuration.
 
-Prefix/parallel strategies run a split of Functional/Sequential models (:mod:`._keras_graph`) in which
+Prefix/parallel strategies run a split of Functional/Sequential models (:mod:`.split`) in which
 Dropout and SpatialDropout1D/2D/3D draw exact masks from one Philox stream per sample
 (:meth:`KerasBackend.generators`), so a seeded result does not depend on how samples are grouped into passes
 or threads; other sites (GaussianDropout, AlphaDropout, RNN and attention dropout, dropout inside a subclassed
@@ -30,13 +30,14 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import record as _tape_record
 
-from mcu.backends import _keras_graph, _keras_mc, _keras_portable
+from mcu.backends.keras import masks as _masks, memory as _memory, portable as _portable, precision as _precision
+from mcu.backends.keras import split as _split, switches as _switches
 from mcu.errors import DropoutSiteWarning, InputError, MCUError, NoDropoutError
 from mcu.structured import Batch, is_structured, select_output
 
 __all__ = ["KerasBackend"]
 
-_DROPOUT_TYPES = _keras_mc.DROPOUT_TYPES
+_DROPOUT_TYPES = _switches.DROPOUT_TYPES
 _SITE_NAMES = ("Dropout, SpatialDropout1D/2D/3D, GaussianDropout, AlphaDropout (rate > 0), an RNN layer with "
                "dropout or recurrent_dropout > 0, or an attention layer with dropout > 0")
 _POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -90,7 +91,7 @@ class _Frontier(list):
 
 
 class _SplitAdapter:
-    """The strategies' split interface over a :class:`_keras_graph.KerasSplit`.
+    """The strategies' split interface over a :class:`_split.KerasSplit`.
 
     ``suffix(frontier, generators)``: ``generators`` are per-sample Philox keys (:meth:`KerasBackend.generators`);
     sample ``j``'s fast dropout masks depend on its key alone, so blocks may be grouped in any way and run on
@@ -101,9 +102,19 @@ class _SplitAdapter:
     """
 
     repeats_frontier = True
+    fused: tuple = ()  # no fused pairs: nothing for an unfused variant to leave out
+    unfused = None
 
     def __init__(self, split: Any) -> None:
         self._split = split
+
+    def row_block(self, frontier: list[tf.Tensor]) -> None:
+        """No row blocks: the suffix runs all examples at once."""
+        return None
+
+    @staticmethod
+    def rows(frontier: list[tf.Tensor], start: int, stop: int) -> list[tf.Tensor]:
+        return [f[start:stop] for f in frontier]
 
     @property
     def native_rng(self) -> bool:
@@ -145,12 +156,12 @@ class KerasBackend:
     def is_model(self, obj: Any) -> bool:
         return isinstance(obj, keras.layers.Layer)
 
-    def sites(self, model: keras.layers.Layer) -> _keras_mc.Sites:
-        """The dropout sites of ``model`` (see :mod:`._keras_mc`); raises :class:`NoDropoutError` if none."""
-        sites = _keras_mc.find_sites(model)
+    def sites(self, model: keras.layers.Layer) -> _switches.Sites:
+        """The dropout sites of ``model`` (see :mod:`.switches`); raises :class:`NoDropoutError` if none."""
+        sites = _switches.find_sites(model)
         if not sites.layers:
             zero = [layer.name for layer in model._flatten_layers(include_self=True, recursive=True)
-                    if _keras_mc.configured_dropout(layer)]
+                    if _switches.configured_dropout(layer)]
             if zero:
                 raise NoDropoutError(
                     f"model: {type(model).__qualname__}'s dropout layer(s) {zero} all have rate 0, so every MC "
@@ -194,17 +205,17 @@ class KerasBackend:
         runs MC passes. Nothing on the model is changed; nothing to restore. Yields None (the passes run on the
         model itself). ``x`` is accepted for the protocol and not needed here."""
         sites = self.sites(model)
-        with _keras_mc.using_session(model, _keras_mc.Session(mode, sites, _keras_mc.KeyStream(None))):
+        with _switches.using_session(model, _switches.Session(mode, sites, _switches.KeyStream(None))):
             yield None
 
     @contextlib.contextmanager
     def seeded(self, model: keras.layers.Layer, seed: int | None) -> Iterator[None]:
         """Passes of :meth:`forward` inside the block draw from keys derived from ``seed`` (fresh entropy when
         None), in this context only; the model's seed generators are never read or written."""
-        current = _keras_mc.session(model)
+        current = _switches.session(model)
         sites = current.sites if current is not None else self.sites(model)
         mode = current.mode if current is not None else None
-        with _keras_mc.using_session(model, _keras_mc.Session(mode, sites, _keras_mc.KeyStream(seed))):
+        with _switches.using_session(model, _switches.Session(mode, sites, _switches.KeyStream(seed))):
             yield
 
     def model_for_precision(self, model: keras.layers.Layer, precision: str) -> keras.layers.Layer:
@@ -212,9 +223,9 @@ class KerasBackend:
         model on every call; the user's model and the global dtype policy are untouched)."""
         if precision == "fp32":
             return model
-        if _keras_portable.PORTABLE:
+        if _portable.PORTABLE:
             raise InputError(f"precision: {precision!r} on the tensorflow backend needs Keras on TensorFlow (this Keras "
-                             f"runs on {_keras_portable.NAME!r}); expected precision='fp32'.")
+                             f"runs on {_portable.NAME!r}); expected precision='fp32'.")
         if precision == "fp16" and not _native_fp16():
             warnings.warn(
                 "precision='fp16': this machine has no native float16 arithmetic (no GPU, no AVX512-FP16 CPU); "
@@ -223,7 +234,7 @@ class KerasBackend:
                 stacklevel=5,
             )
         with _tape_record.stop_recording():  # the copy's weights are synced from the model's
-            clone = _keras_graph.precision_clone(model, _POLICIES[precision])
+            clone = _precision.precision_clone(model, _POLICIES[precision])
         if clone is None:
             raise InputError(
                 f"precision: {precision!r} on the tensorflow backend needs a Functional or Sequential Keras model "
@@ -240,12 +251,12 @@ class KerasBackend:
         so nothing traced for it is reused for plain tensors or the other way round), or a dict/tuple of them
         (a :class:`~mcu.structured.Batch`: the model is called with the dict, or the tuple as a list)."""
         if is_structured(x):
-            if _keras_portable.PORTABLE:
+            if _portable.PORTABLE:
                 raise InputError("x: structured inputs (a dict or tuple) need Keras on TensorFlow for now; pass one "
                                  "array.")
             return Batch.convert(x, lambda leaf, name: self._leaf(model, leaf, name))
-        if _keras_portable.PORTABLE:
-            return _keras_portable.to_tensor(x)
+        if _portable.PORTABLE:
+            return _portable.to_tensor(x)
         return self._leaf(model, x, "x")
 
     def _leaf(self, model: keras.layers.Layer, x: Any, argument: str) -> tf.Tensor:
@@ -272,7 +283,7 @@ class KerasBackend:
                              "conversion.")
         return tensor
 
-    def _pass_function(self, model: keras.layers.Layer, session: _keras_mc.Session, x: tf.Tensor) -> Callable:
+    def _pass_function(self, model: keras.layers.Layer, session: _switches.Session, x: tf.Tensor) -> Callable:
         """The traced pass for this model, mode, per-example shape, dtype and dropout configuration (a concrete
         function with a free batch size): each input shape is traced once, so Keras checks it against the
         model, and a trace is never reused for an input it was not made for."""
@@ -289,19 +300,19 @@ class KerasBackend:
                     traced = tf.function(body)
                     spec = tf.nest.map_structure(lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), x)
                     function = traced.get_concrete_function(spec, tf.TensorSpec((1,), tf.uint64))
-                    _keras_mc.check_reached(session.sites.layers, reached, "a forward pass")
+                    _switches.check_reached(session.sites.layers, reached, "a forward pass")
                     entry["functions"][key] = function
         return function
 
     @staticmethod
-    def _pass_body(model: keras.layers.Layer, session: _keras_mc.Session) -> tuple[Callable, set[int]]:
+    def _pass_body(model: keras.layers.Layer, session: _switches.Session) -> tuple[Callable, set[int]]:
         """``body(x, key)``: one MC pass of ``model`` with the pass's random draws from ``key``; the set that
         collects the sites reached when it is traced."""
         ref, training, reached = weakref.ref(model), session.mode == "training", set()  # no strong reference
         sites = session.sites.without_layers()
 
         def body(x: tf.Tensor, key: tf.Tensor) -> Any:
-            with _keras_mc.active(sites, key, force=not training, reached=reached):
+            with _switches.active(sites, key, force=not training, reached=reached):
                 return ref()(x, training=training)
 
         return body, reached
@@ -310,14 +321,14 @@ class KerasBackend:
         """One MC pass: the model's raw output (a tensor or a structure; see :meth:`select_output`)."""
         if isinstance(x, Batch):
             x = x.as_input() if x.keys is not None else list(x.leaves)
-        session = _keras_mc.session(model)
+        session = _switches.session(model)
         if session is None or session.mode is None:
             raise RuntimeError("KerasBackend.forward must run inside mc_mode()")
-        if _keras_portable.PORTABLE:
+        if _portable.PORTABLE:
             return self._portable_forward(model, session, x)
         key = session.stream.next_key()
         try:
-            if _keras_mc.metering_now():  # traced by activation_bytes: run the Python, seen with static shapes
+            if _switches.metering_now():  # traced by activation_bytes: run the Python, seen with static shapes
                 return self._pass_body(model, session)[0](x, key)
             with _tape_record.stop_recording():  # no gradients (tracing included), also inside a user's tape
                 out = self._pass_function(model, session, x)(x, key)
@@ -332,45 +343,45 @@ class KerasBackend:
     def select_output(self, out: Any, output: Any) -> tf.Tensor:
         """The tensor to sample from a pass's output: ``out`` itself, or what ``output`` selects from a list,
         tuple or dict output."""
-        is_tensor = keras.ops.is_tensor if _keras_portable.PORTABLE else tf.is_tensor  # JAX / torch arrays there
+        is_tensor = keras.ops.is_tensor if _portable.PORTABLE else tf.is_tensor  # JAX / torch arrays there
         return select_output(out, output, is_tensor)
 
-    def _portable_forward(self, model: keras.layers.Layer, session: _keras_mc.Session, x: Any) -> Any:
-        """An eager pass for Keras on JAX or PyTorch (:mod:`._keras_portable`); the sites reached are checked
+    def _portable_forward(self, model: keras.layers.Layer, session: _switches.Session, x: Any) -> Any:
+        """An eager pass for Keras on JAX or PyTorch (:mod:`.portable`); the sites reached are checked
         once per model and dropout configuration."""
         with self._lock:
             entry = self._compiled.setdefault(model, {"lock": threading.Lock(), "functions": {}})
         checked = entry["functions"].get(("portable", session.sites.signature))
         reached: set[int] | None = None if checked else set()
         try:
-            out = _keras_portable.forward(model, x, session, session.stream.take(1), reached)
+            out = _portable.forward(model, x, session, session.stream.take(1), reached)
         except MCUError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified: the input's fault or the model's, original as cause
             raise _model_error(model, x, exc) from exc
         if reached is not None:
-            _keras_mc.check_reached(session.sites.layers, reached, "a forward pass")
+            _switches.check_reached(session.sites.layers, reached, "a forward pass")
             entry["functions"][("portable", session.sites.signature)] = True
         return out
 
     # ---- fast paths ------------------------------------------------------------------------------------------
 
     def split(self, model: keras.layers.Layer, x: tf.Tensor) -> tuple[Any, str]:
-        """A validated prefix/suffix split of a Functional/Sequential model (see :mod:`._keras_graph`)."""
+        """A validated prefix/suffix split of a Functional/Sequential model (see :mod:`.split`)."""
         if isinstance(x, Batch):
             return None, "the model takes structured inputs; prefix caching supports one input tensor"
-        if _keras_portable.PORTABLE:
-            return None, _keras_portable.unsplittable()
-        session = _keras_mc.session(model)
+        if _portable.PORTABLE:
+            return None, _portable.unsplittable()
+        session = _switches.session(model)
         sites = session.sites if session is not None and session.sites is not None else self.sites(model)
         with _tape_record.stop_recording():  # validation runs the model eagerly
-            split, reason = _keras_graph.prefix_split(model, x, sites)
+            split, reason = _split.prefix_split(model, x, sites)
         return (None if split is None else _SplitAdapter(split)), reason
 
     def generators(self, model: keras.layers.Layer, seeds: list[int]) -> tf.Tensor:
         """One Philox key per sample, ``(k, 1)`` uint64: the split's fast dropout masks of sample ``j`` come
         from ``seeds[j]`` alone (sites without a fast path draw from the block's first key)."""
-        return _keras_graph.sample_keys(seeds)
+        return _masks.sample_keys(seeds)
 
     @contextlib.contextmanager
     def worker_threads(self, workers: int) -> Iterator[None]:
@@ -383,30 +394,30 @@ class KerasBackend:
     def activation_bytes(self, run: Callable[[], Any]) -> int | None:
         """Bytes of all leaf-layer outputs produced by ``run()`` (plus the fast suffix's masked and repeated
         tensors): a rough per-pass memory estimate from static shapes. ``run`` is traced, not executed (see
-        :func:`_keras_graph.activation_bytes`); only this context's calls are metered."""
-        if _keras_portable.PORTABLE:
+        :func:`_memory.activation_bytes`); only this context's calls are metered."""
+        if _portable.PORTABLE:
             return None
         try:
             with _tape_record.stop_recording():
-                return _keras_graph.activation_bytes(run) or None
+                return _memory.activation_bytes(run) or None
         except Exception:  # noqa: BLE001 - a pass that cannot be traced this way: no estimate (auto caps rows)
             return None
 
     def nbytes(self, t: tf.Tensor) -> int:
-        if _keras_portable.PORTABLE:
-            return _keras_portable.nbytes(t)
+        if _portable.PORTABLE:
+            return _portable.nbytes(t)
         return int(tf.size(t)) * t.dtype.size
 
     def repeat(self, x: tf.Tensor | Batch, n: int) -> tf.Tensor | Batch:
         if isinstance(x, Batch):
             return x.map(lambda t: tf.tile(t, [n] + [1] * (len(t.shape) - 1)))
-        if _keras_portable.PORTABLE:
-            return _keras_portable.repeat(x, n)
+        if _portable.PORTABLE:
+            return _portable.repeat(x, n)
         return tf.tile(x, [n] + [1] * (len(x.shape) - 1))
 
     def to_numpy(self, t: tf.Tensor) -> np.ndarray:
-        if _keras_portable.PORTABLE:
-            return _keras_portable.to_numpy(t)
+        if _portable.PORTABLE:
+            return _portable.to_numpy(t)
         if t.dtype in (tf.bfloat16, tf.float16):
             t = tf.cast(t, tf.float32)
         return t.numpy()

@@ -1,7 +1,7 @@
 """Keras 3 on JAX or PyTorch: loop and vectorized work, fast paths say why they are not used.
 
 Runs only in a process started with ``KERAS_BACKEND=jax`` or ``KERAS_BACKEND=torch`` (Keras picks its backend
-once, at import): ``KERAS_BACKEND=jax python -m pytest -q tests/backends/test_keras_portable.py``.
+once, at import): ``KERAS_BACKEND=jax python -m pytest -q tests/backends/keras/test_portable.py``.
 """
 
 from __future__ import annotations

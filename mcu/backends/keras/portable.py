@@ -2,7 +2,7 @@
 
 The backend's own fast paths (traced functions, the prefix split, per-sample masks, the mixed-precision copy)
 are TensorFlow code; on another Keras backend the ``loop`` and ``vectorized`` strategies run the model eagerly
-inside :func:`._keras_mc.active` (sites on, seeds from the pass key, no variable written), and the split reports
+inside :func:`._switches.active` (sites on, seeds from the pass key, no variable written), and the split reports
 why it is not available, so ``auto`` says so in ``SampleInfo``.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import keras
 import numpy as np
 
-from mcu.backends import _keras_mc
+from mcu.backends.keras import switches as _switches
 from mcu.errors import InputError
 
 __all__ = ["NAME", "PORTABLE", "no_gradients", "nbytes", "repeat", "to_numpy", "to_tensor", "unsplittable"]
@@ -68,9 +68,9 @@ def _global_rng(key: np.ndarray) -> Iterator[None]:
         yield
 
 
-def forward(model: Any, x: Any, session: _keras_mc.Session, key: np.ndarray, reached: set[int] | None) -> Any:
+def forward(model: Any, x: Any, session: _switches.Session, key: np.ndarray, reached: set[int] | None) -> Any:
     training = session.mode == "training"
-    with no_gradients(), _global_rng(key), _keras_mc.active(session.sites, key, force=not training,
+    with no_gradients(), _global_rng(key), _switches.active(session.sites, key, force=not training,
                                                             reached=reached):
         return model(x, training=training)
 

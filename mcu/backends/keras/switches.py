@@ -264,10 +264,10 @@ class KeyStream:
         self._lock = threading.Lock()
 
     def _keys(self, n: int) -> np.ndarray:
-        from mcu.backends import _keys
+        from mcu import _seeds
 
         start, self._next = self._next, self._next + n
-        return _keys.sample_keys([self._base + start + i for i in range(n)])
+        return _seeds.sample_keys([self._base + start + i for i in range(n)])
 
     def take(self, n: int = 1) -> np.ndarray:
         """The next ``n`` keys, ``(n,)`` uint64."""

@@ -201,10 +201,10 @@ def _build(builder, shape, n: int = 6):
 @pytest.fixture
 def only_tail(monkeypatch):
     """mcu's site table with every site but the ``tail`` dropout removed (a sampler that misses sites)."""
-    from mcu.backends import _keras_mc
+    from mcu.backends.keras import switches
 
-    original = _keras_mc.site_config
-    monkeypatch.setattr(_keras_mc, "site_config",
+    original = switches.site_config
+    monkeypatch.setattr(switches, "site_config",
                         lambda layer: original(layer) if layer.name == "tail" else None)
 
 

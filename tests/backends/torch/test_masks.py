@@ -1,4 +1,4 @@
-"""The PyTorch fast paths' random streams and exact Bernoulli masks (mcu.backends._torch_rng)."""
+"""The PyTorch fast paths' random streams and exact Bernoulli masks (mcu.backends.torch.masks)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from tests.conftest import require_module
 
 torch = require_module("torch")
 
-from mcu.backends import _torch_rng  # noqa: E402
-from mcu.backends._torch_rng import Streams, bernoulli_masks, splitmix64  # noqa: E402
+from mcu.backends.torch import masks as torch_masks  # noqa: E402
+from mcu.backends.torch.masks import Streams, bernoulli_masks, splitmix64  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -68,7 +68,7 @@ def test_the_tie_fallback_draws_from_the_masks_own_generator_and_stays_exact(mon
     """With no reserved words every tie (1 in 256 elements) is resolved by extra draws from the mask's own
     generator: the rate stays exact and masks still depend only on their own stream."""
     keep = 0.8
-    monkeypatch.setattr(_torch_rng, "_reserve", lambda n: 0)
+    monkeypatch.setattr(torch_masks, "_reserve", lambda n: 0)
     masks = bernoulli_masks((100_000,), keep, Streams(range(5)), CPU)
     for j in (0, 4):
         assert torch.equal(masks[j], bernoulli_masks((100_000,), keep, Streams([j]), CPU)[0])
@@ -127,8 +127,8 @@ def test_tie_words_depend_only_on_the_stream_and_the_mask():
 def test_views_share_masks_drawn_once_and_equal_masks_drawn_per_block(monkeypatch, keep):
     """A call's blocks are views of one Streams; small masks are drawn once for all samples and sliced, larger
     ones per block. Either way each block gets exactly the masks of its own streams drawn alone, in order."""
-    monkeypatch.setattr(_torch_rng, "SHARED_MASK_BYTES", 10 * 300)  # (10, 300) shared, (10, 5000) not
-    monkeypatch.setattr(_torch_rng, "_reserve", lambda n: 0)  # every tie goes to the tie streams
+    monkeypatch.setattr(torch_masks, "SHARED_MASK_BYTES", 10 * 300)  # (10, 300) shared, (10, 5000) not
+    monkeypatch.setattr(torch_masks, "_reserve", lambda n: 0)  # every tie goes to the tie streams
     root = Streams(range(10))
     views = [root[0:4], root[4:7], root[7:10]]
     shapes = [(300,), (5000,), (3, 100)]
@@ -162,7 +162,7 @@ def test_streams_and_their_views_are_freed_without_the_cycle_collector():
 
 def test_each_mask_resolves_its_ties_from_its_own_tie_stream(monkeypatch):
     """Two masks of one stream must not reuse tie words: each asks for the tie stream of its own start."""
-    monkeypatch.setattr(_torch_rng, "_reserve", lambda n: 0)
+    monkeypatch.setattr(torch_masks, "_reserve", lambda n: 0)
     asked = []
     tie_words = Streams.tie_words
     monkeypatch.setattr(Streams, "tie_words",

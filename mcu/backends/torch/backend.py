@@ -1,7 +1,7 @@
 """PyTorch backend: every dropout site of the model stochastic, everything else in eval mode, on a twin.
 
 Sampling never touches the user's model: passes run on a parameter-sharing twin whose training flags are its
-own (:mod:`mcu.backends._torch_twin`), so calls from many threads, and plain inference on the same model, do
+own (:mod:`mcu.backends.torch.twin`), so calls from many threads, and plain inference on the same model, do
 not interfere.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn.modules.dropout import _DropoutNd
 
-from mcu.backends import _torch_graph, _torch_rng, _torch_twin
+from mcu.backends.torch import masks as _masks, memory as _memory, split as _split, twin as _twin
 from mcu.errors import DropoutSiteWarning, InputError, NoDropoutError
 from mcu.structured import Batch, is_structured, select_output
 
@@ -44,8 +44,8 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
 _TWIN_KEY = "_mcu_twin"
 
 
-def _twin_info(module: torch.nn.Module) -> _torch_twin.Twin | None:
-    """The :class:`~mcu.backends._torch_twin.Twin` whose module ``module`` is (None for any other module)."""
+def _twin_info(module: torch.nn.Module) -> _twin.Twin | None:
+    """The :class:`~mcu.backends.torch.twin.Twin` whose module ``module`` is (None for any other module)."""
     ref = module.__dict__.get(_TWIN_KEY)
     return None if ref is None else ref()
 
@@ -58,7 +58,7 @@ def _static_site(module: torch.nn.Module) -> bool:
         return module.dropout > 0.0
     if isinstance(module, torch.nn.RNNBase):
         return module.dropout > 0.0 and module.num_layers > 1
-    return _torch_graph.scripted_dropout(module) and float(getattr(module, "p", 0.0)) > 0.0
+    return _split.scripted_dropout(module) and float(getattr(module, "p", 0.0)) > 0.0
 
 
 def _warn_sites(message: str) -> None:
@@ -79,7 +79,7 @@ class TorchBackend:
     def __init__(self) -> None:
         self._splits: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
         self._splits_lock = threading.Lock()
-        self._twins = _torch_twin.TwinCache()
+        self._twins = _twin.TwinCache()
 
     def is_model(self, obj: Any) -> bool:
         keras = sys.modules.get("keras")
@@ -94,12 +94,12 @@ class TorchBackend:
         empty list is no error here."""
         return [m for m in model.modules() if _static_site(m)]
 
-    def twin(self, model: torch.nn.Module, mode: str, x: torch.Tensor) -> _torch_twin.Twin:
+    def twin(self, model: torch.nn.Module, mode: str, x: torch.Tensor) -> _twin.Twin:
         """The twin that sampling runs on (built on first use for ``model`` and ``mode``; see
-        :mod:`mcu.backends._torch_twin`)."""
-        def make() -> _torch_twin.Twin:
+        :mod:`mcu.backends.torch.twin`)."""
+        def make() -> _twin.Twin:
             with _GLOBAL_RNG, torch.no_grad():  # the probe draws (and restores) the global generators
-                twin = _torch_twin.build(model, mode, x, self.forward, NoDropoutError, _warn_sites)
+                twin = _twin.build(model, mode, x, self.forward, NoDropoutError, _warn_sites)
             twin.module.__dict__[_TWIN_KEY] = weakref.ref(twin)
             return twin
 
@@ -115,7 +115,7 @@ class TorchBackend:
         device, _ = _model_device_dtype(model)
         # The twin's dropout modules draw from this stream (fresh entropy; seeded() replaces it for a seed).
         entropy = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
-        with torch.no_grad(), _torch_twin.call_streams(_torch_rng.Streams([entropy], device)):
+        with torch.no_grad(), _twin.call_streams(_masks.Streams([entropy], device)):
             yield twin.module
 
     def stacking_problem(self, model: torch.nn.Module, split: Any = None) -> str | None:
@@ -135,7 +135,7 @@ class TorchBackend:
         device, _ = _model_device_dtype(model)
         twin = _twin_info(model)
         generator = torch.Generator(device).manual_seed(seed)
-        with _torch_twin.call_streams(_torch_rng.Streams([seed], device), generator):
+        with _twin.call_streams(_masks.Streams([seed], device), generator):
             if twin is not None and not twin.global_rng:
                 yield
                 return
@@ -217,29 +217,29 @@ class TorchBackend:
         if isinstance(x, Batch):
             return None, "the model takes structured inputs; prefix caching supports one input tensor"
         key = (tuple(x.shape[1:]), x.dtype)
-        state = _torch_graph.attribute_state(model)
+        state = _split.attribute_state(model)
         with self._splits_lock:
             entry = self._splits.setdefault(model, {}).get(key)
         if entry is not None and entry[0] is not None:
             split, why, seen = entry
             # the trace baked plain attributes in as constants: when one changed, re-check the split (a few rows)
-            if state == seen or _torch_graph.still_valid(split, twin, x):
+            if state == seen or _split.still_valid(split, twin, x):
                 with self._splits_lock:
                     self._splits[model][key] = (split, why, state)
                 return split, why
         if entry is None or entry[0] is not None:
-            entry = (*_torch_graph.split_model(twin, x, self.dropout_types), state)
+            entry = (*_split.split_model(twin, x, self.dropout_types), state)
             with self._splits_lock:
                 cache = self._splits.setdefault(model, {})
                 cache.clear()  # a changed input shape or attribute invalidates older splits
                 cache[key] = entry
         return entry[:2]
 
-    def generators(self, model: torch.nn.Module, seeds: list[int]) -> _torch_rng.Streams:
+    def generators(self, model: torch.nn.Module, seeds: list[int]) -> _masks.Streams:
         """One counter-based random stream per sample (the fast dropout masks draw from them, never from the
         global RNG), on the model's device."""
         device, _ = _model_device_dtype(model)
-        return _torch_rng.Streams(seeds, device)
+        return _masks.Streams(seeds, device)
 
     @contextlib.contextmanager
     def worker_threads(self, workers: int) -> Iterator[None]:
@@ -268,7 +268,7 @@ class TorchBackend:
 
     def activation_bytes(self, run: Callable[[], Any]) -> int | None:
         """Bytes of all leaf-module outputs produced by ``run()`` (a rough per-pass memory estimate)."""
-        with _ActivationMeter() as meter:
+        with _memory.ActivationMeter() as meter:
             run()
         return meter.bytes or None
 
@@ -277,8 +277,8 @@ class TorchBackend:
 
     def repeat(self, x: torch.Tensor | Batch, n: int) -> torch.Tensor | Batch:
         if isinstance(x, Batch):
-            return x.map(lambda t: _torch_graph.repeat_rows(t, n))
-        return _torch_graph.repeat_rows(x, n)
+            return x.map(lambda t: _split.repeat_rows(t, n))
+        return _split.repeat_rows(x, n)
 
     def to_numpy(self, t: torch.Tensor) -> np.ndarray:
         t = t.detach()
@@ -298,31 +298,3 @@ def _raised_by_torch(exc: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is None or tb.tb_frame.f_code.co_filename.startswith(_FRAMEWORK_DIRS)
-
-
-class _ActivationMeter:
-    """Sums the bytes of every leaf module's output during a pass (a global hook, removed on exit), and of the
-    tensors the split's own functions make."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self._thread = threading.get_ident()  # the hook is global: other threads' passes are not ours
-
-    def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        if threading.get_ident() != self._thread:
-            return
-        if next(module.children(), None) is None and isinstance(output, torch.Tensor):
-            self.bytes += output.numel() * output.element_size()
-
-    def _add(self, t: torch.Tensor) -> None:
-        self.bytes += t.numel() * t.element_size()
-
-    def __enter__(self) -> "_ActivationMeter":
-        self._handle = torch.nn.modules.module.register_module_forward_hook(self._hook)
-        self._split_tensors = _torch_graph.measuring(self._add)  # fast dropout etc. are not module calls
-        self._split_tensors.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._handle.remove()
-        self._split_tensors.__exit__(*exc)

@@ -1,4 +1,4 @@
-"""Prefix caching for Keras graphs (mcu/backends/_keras_graph.py): where the cut goes, exactness, distribution."""
+"""Prefix caching for Keras graphs (mcu/backends/keras/split.py): where the cut goes, exactness, distribution."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from tests.conftest import require_module
 keras = require_module("keras")
 tf = require_module("tensorflow")
 
-from mcu.backends import _keras_graph as kg  # noqa: E402
-from mcu.backends.tensorflow import KerasBackend  # noqa: E402
+from mcu.backends.keras import precision  # noqa: E402
+from mcu.backends.keras import split as keras_split  # noqa: E402
+from mcu.backends.keras import KerasBackend  # noqa: E402
 
 L = keras.layers
 
@@ -106,7 +107,7 @@ def inbound_counts(model):
 # ---------------------------------------------------------------------------------------------------- the cut
 def test_mlp_caches_the_first_dense_layer():
     model = mlp()
-    split, reason = kg.prefix_split(model, vector(8, 784))
+    split, reason = keras_split.prefix_split(model, vector(8, 784))
     assert split is not None, reason
     assert (split.n_prefix_ops, split.n_suffix_ops) == (1, 2)
     assert [tuple(t.shape) for t in split.frontier_tensors] == [(None, 512)]
@@ -115,7 +116,7 @@ def test_mlp_caches_the_first_dense_layer():
 
 def test_cnn_caches_everything_before_the_spatial_dropout():
     model = cnn()
-    split, reason = kg.prefix_split(model, image(4))
+    split, reason = keras_split.prefix_split(model, image(4))
     assert split is not None, reason
     assert split.n_prefix_ops == 8  # conv, BN, ReLU, pool, twice
     assert [tuple(t.shape) for t in split.frontier_tensors] == [(None, 7, 7, 16)]
@@ -123,7 +124,7 @@ def test_cnn_caches_everything_before_the_spatial_dropout():
 
 def test_skip_connection_puts_shared_tensor_and_raw_input_in_the_frontier():
     model = skip()
-    split, reason = kg.prefix_split(model, vector(5, 12))
+    split, reason = keras_split.prefix_split(model, vector(5, 12))
     assert split is not None, reason
     frontier = split.frontier_tensors
     assert model.inputs[0] in frontier  # the input, consumed directly by the stochastic Concatenate
@@ -136,7 +137,7 @@ def test_skip_connection_puts_shared_tensor_and_raw_input_in_the_frontier():
 def test_nested_sequential_with_dropout_is_inlined_and_shared_calls_kept_apart():
     model, inner = nested()
     x = vector(6, 16)
-    split, reason = kg.prefix_split(model, x)
+    split, reason = keras_split.prefix_split(model, x)
     assert split is not None, reason
     # outer Dense + (inner Dense, inner BN) for each of the two calls of the nested model
     assert split.n_prefix_ops == 5
@@ -147,12 +148,12 @@ def test_nested_sequential_with_dropout_is_inlined_and_shared_calls_kept_apart()
 
 def test_dropout_first_has_nothing_to_cache():
     model = keras.Sequential([keras.Input((5,)), L.Dropout(0.2), L.Dense(3)])
-    split, reason = kg.prefix_split(model, vector(2, 5))
+    split, reason = keras_split.prefix_split(model, vector(2, 5))
     assert split is None and "no deterministic prefix" in reason
 
 
 def test_unbuilt_sequential_is_not_split():
-    split, reason = kg.split_model(keras.Sequential([L.Dense(3), L.Dropout(0.5)]))
+    split, reason = keras_split.split_model(keras.Sequential([L.Dense(3), L.Dropout(0.5)]))
     assert split is None and "no graph yet" in reason
 
 
@@ -169,7 +170,7 @@ def test_subclassed_model_is_not_split():
 
     model = Net()
     model(np.zeros((1, 3), np.float32))
-    split, reason = kg.split_model(model)
+    split, reason = keras_split.split_model(model)
     assert split is None and "subclassed" in reason
 
 
@@ -187,7 +188,7 @@ def test_layer_holding_a_dropout_is_stochastic_as_a_whole():
     h = L.Dense(6)(inputs)
     model = keras.Model(inputs, L.Dense(2)(Block()(h)))
     x = vector(3, 4)
-    split, reason = kg.prefix_split(model, x)
+    split, reason = keras_split.prefix_split(model, x)
     assert split is not None, reason
     assert split.n_prefix_ops == 1 and split.n_suffix_ops == 2
     assert len(split.dropout_layers) == 1
@@ -200,7 +201,7 @@ def test_batch_dependent_suffix_is_rejected_by_validation():
     h = L.Dropout(0.3)(L.Dense(4)(inputs))
     row = L.Lambda(lambda t: t + keras.ops.cast(keras.ops.arange(keras.ops.shape(t)[0]), t.dtype)[:, None])(h)
     model = keras.Model(inputs, row)
-    split, reason = kg.prefix_split(model, vector(3, 4))
+    split, reason = keras_split.prefix_split(model, vector(3, 4))
     assert split is None and "differs from the full pass" in reason
 
 
@@ -210,7 +211,7 @@ def test_masks_cross_the_cut_as_frontier_tensors():
         keras.Input((6,), dtype="int32"), L.Embedding(20, 4, mask_zero=True), L.Dropout(0.3), L.LSTM(3),
     ])
     x = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 0, 0, 0, 0], [6, 7, 8, 9, 1, 0]], np.int32)
-    split, reason = kg.prefix_split(model, x)
+    split, reason = keras_split.prefix_split(model, x)
     assert split is not None, reason
     assert [t.dtype for t in split.frontier_tensors] == ["float32", "bool"]
     theirs = mcu.sample(model, x, 5, strategy="vectorized", chunk_size=15, seed=1)
@@ -223,7 +224,7 @@ def test_a_deterministic_output_is_repeated_unchanged():
     h = L.Dense(6)(inputs)
     model = keras.Model(inputs, [L.Dense(2)(h), L.Dense(3)(L.Dropout(0.5)(h))])
     x = vector(4, 5)
-    split, reason = kg.prefix_split(model, x)
+    split, reason = keras_split.prefix_split(model, x)
     assert split is not None, reason
     backend = KerasBackend()
     with backend.mc_mode(model), backend.seeded(model, 0):
@@ -238,7 +239,7 @@ def test_multiple_inputs():
     h = L.Concatenate()([L.Dense(8)(a_in), b_in])
     model = keras.Model({"a": a_in, "b": b_in}, L.Dense(2)(L.Dropout(0.4)(h)))
     x = {"a": vector(4, 5), "b": vector(4, 3, seed=1)}
-    split, reason = kg.prefix_split(model, x)
+    split, reason = keras_split.prefix_split(model, x)
     assert split is not None, reason
     backend = KerasBackend()  # mcu.sample takes one array: repeat the dict by hand for the reference
     with backend.mc_mode(model), backend.seeded(model, 2):
@@ -256,7 +257,7 @@ def test_prefix_is_bit_identical_to_a_full_pass(build):
     """
     model = build()
     x = image(16) if build is cnn else vector(16, model.inputs[0].shape[1])
-    split, _ = kg.prefix_split(model, x)
+    split, _ = keras_split.prefix_split(model, x)
     reference = keras.Model(model.inputs[0], split.frontier_tensors)
     as_list = lambda out: list(out) if isinstance(out, (list, tuple)) else [out]  # noqa: E731
     compiled = as_list(tf.function(lambda t: reference(t, training=False))(tf.constant(x)))
@@ -276,7 +277,7 @@ def test_same_seed_gives_the_vectorized_strategy_samples(build):
         x = np.random.default_rng(0).standard_normal((4, 10, 6)).astype(np.float32)
     else:
         x = image(4) if build is cnn else vector(4, model.inputs[0].shape[1])
-    split, reason = kg.prefix_split(model, x)
+    split, reason = keras_split.prefix_split(model, x)
     assert split is not None, reason
     ours = draw(split, model, x, 12, seed=7)
     theirs = mcu.sample(model, x, 12, strategy="vectorized", chunk_size=12 * len(x), seed=7)
@@ -296,7 +297,7 @@ def test_distribution_matches_the_loop_strategy(build):
     """
     model = build()
     x = image(4) if build is cnn else vector(4, 784)
-    split, reason = kg.prefix_split(model, x)
+    split, reason = keras_split.prefix_split(model, x)
     assert split is not None, reason
     T = 300
     ours = draw(split, model, x, T, seed=11).reshape(T, -1)
@@ -314,7 +315,7 @@ def test_split_leaves_the_model_untouched_and_is_mode_safe():
     x = image(3)
     before = inbound_counts(model)
     weights = [v.numpy().copy() for v in model.variables]
-    split, _ = kg.prefix_split(model, x)
+    split, _ = keras_split.prefix_split(model, x)
     outside_first = np.asarray(split.suffix(split.prefix(x)))  # traced outside mc_mode: deterministic
     a, b = draw(split, model, x, 2, seed=0)  # inside mc_mode: a fresh trace, stochastic
     assert not np.allclose(a, b)
@@ -331,7 +332,7 @@ def test_validation_inside_mc_mode_changes_nothing_and_draws_nothing():
     drop = model.layers[1]
     state = drop.seed_generator.state.numpy().copy()
     with backend.mc_mode(model), backend.seeded(model, 3):
-        split, reason = kg.prefix_split(model, vector(5, 784))
+        split, reason = keras_split.prefix_split(model, vector(5, 784))
         assert split is not None, reason
         assert "call" not in drop.__dict__  # nothing is patched on the model
         np.testing.assert_array_equal(drop.seed_generator.state.numpy(), state)
@@ -339,7 +340,7 @@ def test_validation_inside_mc_mode_changes_nothing_and_draws_nothing():
 
 def test_the_cache_does_not_keep_the_model_alive():
     model = mlp()
-    kg.prefix_split(model, vector(2, 784))
+    keras_split.prefix_split(model, vector(2, 784))
     ref = weakref.ref(model)
     del model
     gc.collect()
@@ -352,26 +353,26 @@ def test_bf16_clone_is_close_and_leaves_the_global_policy_alone(build):
     model = build()
     x = image(8) if build is cnn else vector(8, 784)
     policy = keras.config.dtype_policy().name
-    clone = kg.bf16_clone(model)
+    clone = precision.bf16_clone(model)
     assert clone is not None and clone is not model
     assert keras.config.dtype_policy().name == policy
-    assert kg.bf16_clone(model) is clone  # cached
+    assert precision.bf16_clone(model) is clone  # cached
     assert clone.layers[-1].compute_dtype == "bfloat16"
     full = np.asarray(model(x, training=False))
     low = tf.cast(clone(x, training=False), tf.float32).numpy()
     assert np.max(np.abs(low - full)) / np.max(np.abs(full)) < 3e-2
-    split, reason = kg.prefix_split(clone, x)  # the two speed-ups combine
+    split, reason = keras_split.prefix_split(clone, x)  # the two speed-ups combine
     assert split is not None, reason
 
 
 def test_bf16_clone_recurses_into_nested_models_and_follows_weight_updates():
     model, inner = nested()
     x = vector(4, 16)
-    clone = kg.bf16_clone(model)
+    clone = precision.bf16_clone(model)
     assert {layer.compute_dtype for layer in clone._flatten_layers(include_self=False)} == {"bfloat16"}
     kernel = model.layers[-1].kernel
     kernel.assign(kernel.numpy() * 2.0)  # "trained further"
-    low = tf.cast(kg.bf16_clone(model)(x, training=False), tf.float32).numpy()
+    low = tf.cast(precision.bf16_clone(model)(x, training=False), tf.float32).numpy()
     full = np.asarray(model(x, training=False))
     assert np.max(np.abs(low - full)) / np.max(np.abs(full)) < 3e-2
 
@@ -387,4 +388,4 @@ def test_bf16_clone_of_a_subclassed_model_is_none():
 
     model = Net()
     model(np.zeros((1, 3), np.float32))
-    assert kg.bf16_clone(model) is None
+    assert precision.bf16_clone(model) is None

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from mcu.backends._torch_rng import Streams, bernoulli_masks, keep_bits
+from mcu.backends.torch.masks import Streams, bernoulli_masks, keep_bits
 from mcu.structured import Batch
 
 __all__ = ["Twin", "RANDOM_FUNCTIONS", "fingerprint", "is_random_call", "twin_of"]
@@ -164,7 +164,7 @@ class Twin:
 
 
 #: The random stream of the sampling call running in this thread: dropout modules of a twin draw their masks
-#: from it (packed random bits, :func:`mcu.backends._torch_rng.bernoulli_masks`), so a call neither needs nor
+#: from it (packed random bits, :func:`mcu.backends.torch.masks.bernoulli_masks`), so a call neither needs nor
 #: disturbs torch's global generators, and a mask costs a fraction of a ``bernoulli_`` draw per element.
 _CALL = threading.local()
 #: The batched input rank of the channel dropouts (other ranks draw from the global generator, as native).
@@ -173,7 +173,7 @@ _OWN_MASKS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
 def call_streams(streams: Streams | None, generator: torch.Generator | None = None) -> Any:
-    """Context manager: ``streams`` (one stream: :class:`~mcu.backends._torch_rng.Streams` of one seed) and
+    """Context manager: ``streams`` (one stream: :class:`~mcu.backends.torch.masks.Streams` of one seed) and
     ``generator`` (seeded calls: small masks draw from it) are this thread's sampling sources in the block."""
     return _CallStreams(streams, generator)
 
@@ -190,8 +190,8 @@ class _CallStreams:
         _CALL.streams, _CALL.generator = self.previous
 
 
-#: Masks of at least this many elements come from the call's stream (a fixed cost of ~40 us, ~110 us for rates
-#: that need the exact tie step, against ~10 ns per element for ``bernoulli_``); smaller ones from
+#: Masks of at least this many elements come from the call's stream (a fixed cost per mask, higher for rates
+#: that need the exact tie step, against a cost per element for ``bernoulli_``); smaller ones from
 #: ``bernoulli_`` with the call's generator (seeded) or natively (unseeded).
 STREAM_MIN_ELEMENTS = {True: 4096, False: 32768}  # keyed by "the keep rate is dyadic"
 

@@ -1,4 +1,4 @@
-"""The Keras fast dropout path (mcu/backends/_keras_graph.py): exact per-sample Bernoulli masks from Philox bits.
+"""The Keras fast dropout path (mcu/backends/keras/masks.py): exact per-sample Bernoulli masks from Philox bits.
 
 Statistical checks use fixed keys/seeds (deterministic) and bounds of ~4.5 standard errors.
 """
@@ -17,15 +17,16 @@ from tests.conftest import require_module
 keras = require_module("keras")
 tf = require_module("tensorflow")
 
-from mcu.backends import _keras_graph as kg  # noqa: E402
-from mcu.backends.tensorflow import KerasBackend  # noqa: E402
+from mcu.backends.keras import masks as km  # noqa: E402
+from mcu.backends.keras import split as keras_split  # noqa: E402
+from mcu.backends.keras import KerasBackend  # noqa: E402
 
 L = keras.layers
 KEEPS = (0.5, 0.75, 0.9, 0.3, 0.123)
 
 
 def keys(*seeds):
-    return tf.unstack(kg.sample_keys(seeds))
+    return tf.unstack(km.sample_keys(seeds))
 
 
 def z_score(hits: float, n: int, p: float) -> float:
@@ -34,12 +35,12 @@ def z_score(hits: float, n: int, p: float) -> float:
 
 # ---------------------------------------------------------------------------------------------------- masks
 def test_keep_plan_uses_few_bits_for_dyadic_rates_and_ties_otherwise():
-    assert kg.keep_plan(Fraction(1, 2)) == (1, 1, 0)
-    assert kg.keep_plan(Fraction(3, 4)) == (2, 3, 0)
-    assert kg.keep_plan(Fraction(13, 16)) == (4, 13, 0)
-    assert kg.keep_plan(Fraction(77, 256)) == (8, 77, 0)
-    assert kg.keep_plan(Fraction(77, 65536)) == (16, 77, 0)
-    bits, threshold, rest = kg.keep_plan(1 - Fraction(0.1))
+    assert km.keep_plan(Fraction(1, 2)) == (1, 1, 0)
+    assert km.keep_plan(Fraction(3, 4)) == (2, 3, 0)
+    assert km.keep_plan(Fraction(13, 16)) == (4, 13, 0)
+    assert km.keep_plan(Fraction(77, 256)) == (8, 77, 0)
+    assert km.keep_plan(Fraction(77, 65536)) == (16, 77, 0)
+    bits, threshold, rest = km.keep_plan(1 - Fraction(0.1))
     assert bits == 16 and rest > 0
     assert Fraction(threshold * 2**64 + rest, 2**80) == Fraction(int((1 - Fraction(0.1)) * 2**80), 2**80)
 
@@ -47,7 +48,7 @@ def test_keep_plan_uses_few_bits_for_dyadic_rates_and_ties_otherwise():
 @pytest.mark.parametrize("keep", KEEPS)
 def test_keep_probability_per_sample_and_overall(keep):
     n_rows, m = 8, 40_000
-    mask = kg.keep_mask(keys(*range(100, 100 + n_rows)), m, Fraction(keep), region=0).numpy()
+    mask = km.keep_mask(keys(*range(100, 100 + n_rows)), m, Fraction(keep), region=0).numpy()
     assert mask.shape == (n_rows, m) and set(np.unique(mask)) <= {0.0, 1.0}
     assert abs(z_score(mask.sum(), mask.size, keep)) < 4.5
     for row in mask:  # each sample on its own (8 tests: a 4.5-sigma bound is still ~5e-5 per test)
@@ -56,7 +57,7 @@ def test_keep_probability_per_sample_and_overall(keep):
 
 @pytest.mark.parametrize("keep", (0.5, 0.3))
 def test_masks_of_different_samples_are_independent(keep):
-    mask = kg.keep_mask(keys(*range(6)), 30_000, Fraction(keep), region=0).numpy()
+    mask = km.keep_mask(keys(*range(6)), 30_000, Fraction(keep), region=0).numpy()
     both = keep * keep
     for i in range(6):
         for j in range(i + 1, 6):
@@ -66,15 +67,15 @@ def test_masks_of_different_samples_are_independent(keep):
 
 
 def test_regions_give_independent_draws_for_one_sample():
-    a = kg.keep_mask(keys(7), 30_000, Fraction(1, 2), region=0).numpy()[0]
-    b = kg.keep_mask(keys(7), 30_000, Fraction(1, 2), region=4).numpy()[0]
+    a = km.keep_mask(keys(7), 30_000, Fraction(1, 2), region=0).numpy()[0]
+    b = km.keep_mask(keys(7), 30_000, Fraction(1, 2), region=4).numpy()[0]
     assert abs(z_score((a * b).sum(), a.size, 0.25)) < 4.5
 
 
 @pytest.mark.parametrize("keep", KEEPS)
 def test_a_sample_mask_does_not_depend_on_the_other_samples_of_the_pass(keep):
-    alone = kg.keep_mask(keys(11), 5_000, Fraction(keep), region=8).numpy()
-    grouped = kg.keep_mask(keys(3, 11, 5), 5_000, Fraction(keep), region=8).numpy()
+    alone = km.keep_mask(keys(11), 5_000, Fraction(keep), region=8).numpy()
+    grouped = km.keep_mask(keys(3, 11, 5), 5_000, Fraction(keep), region=8).numpy()
     np.testing.assert_array_equal(grouped[1], alone[0])
     assert not np.array_equal(grouped[0], grouped[1])
 
@@ -83,19 +84,19 @@ def test_ties_are_resolved_with_the_remaining_bits_also_beyond_the_pool():
     """Every element a tie: the second stage alone decides, with probability rest / 2**64; a row of 3000 ties
     overflows the per-sample pool (2 * 1 + 16 pairs), so the overflow words are used too."""
     keep = 1 - Fraction(0.123)
-    _, _, rest = kg.keep_plan(keep)
+    _, _, rest = km.keep_plan(keep)
     p = rest / 2**64
     m, rows = 3000, 4
     below = tf.zeros((rows, m), tf.bool)
     ties = tf.ones((rows, m), tf.bool)
-    pool = lambda seeds: tf.reshape(kg._words(keys(*seeds), 2 * kg._pool_size(m), 1), [len(seeds), -1, 2])  # noqa: E731
-    out = kg._resolve_ties(below, ties, pool(range(rows)), keys(*range(rows)), rest, region=0).numpy()
+    pool = lambda seeds: tf.reshape(km.philox_words(keys(*seeds), 2 * km._pool_size(m), 1), [len(seeds), -1, 2])  # noqa: E731
+    out = km._resolve_ties(below, ties, pool(range(rows)), keys(*range(rows)), rest, region=0).numpy()
     assert abs(z_score(out.sum(), out.size, p)) < 4.5
-    alone = kg._resolve_ties(below[:1], ties[:1], pool([2]), keys(2), rest, region=0).numpy()
+    alone = km._resolve_ties(below[:1], ties[:1], pool([2]), keys(2), rest, region=0).numpy()
     np.testing.assert_array_equal(out[2], alone[0])
     partial = np.zeros((1, m), bool)
     partial[0, ::7] = True  # fewer ties: the pool only
-    few = kg._resolve_ties(below[:1], tf.constant(partial), pool([1]), keys(1), rest, region=0).numpy()
+    few = km._resolve_ties(below[:1], tf.constant(partial), pool([1]), keys(1), rest, region=0).numpy()
     assert not few[0, ~partial[0]].any()
 
 
@@ -105,7 +106,7 @@ def run_fast(layer, x, seeds, broadcast=True):
     layer.build(x.shape)
     k = len(seeds)
     inputs = tf.constant(x) if broadcast else tf.tile(tf.constant(x), [k] + [1] * (x.ndim - 1))
-    out, _ = kg.fast_dropout(inputs, layer, keys(*seeds), k, broadcast, region=0)
+    out, _ = km.fast_dropout(inputs, layer, keys(*seeds), k, broadcast, region=0)
     return out.numpy().reshape((k,) + x.shape)
 
 
@@ -168,7 +169,7 @@ def test_spatial_dropout_1d_and_3d():
 
 def test_rate_zero_and_one():
     x = np.ones((2, 10), np.float32)
-    same, still_broadcast = kg.fast_dropout(tf.constant(x), L.Dropout(0.0), keys(1, 2, 3), 3, True, region=0)
+    same, still_broadcast = km.fast_dropout(tf.constant(x), L.Dropout(0.0), keys(1, 2, 3), 3, True, region=0)
     assert still_broadcast is True  # nothing to do: the frontier stays unrepeated
     np.testing.assert_array_equal(same, x)
     np.testing.assert_array_equal(run_fast(L.Dropout(1.0), x, range(3)), np.zeros((3, 2, 10)))
@@ -192,7 +193,7 @@ def image(n, seed=0):
 
 def test_split_uses_the_fast_path_for_every_dropout():
     model = mixed_model()
-    split, reason = kg.prefix_split(model, image(3))
+    split, reason = keras_split.prefix_split(model, image(3))
     assert split is not None, reason
     assert split.native_rng is False and "fast per-sample masks in 2 of 2" in reason
 
@@ -274,7 +275,7 @@ def test_dropout_without_a_fast_path_runs_natively():
     h = L.AlphaDropout(0.2)(L.Dense(16, activation="selu")(h))
     model = keras.Model(inputs, L.Dense(2)(h))
     x = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
-    split, reason = kg.prefix_split(model, x)
+    split, reason = keras_split.prefix_split(model, x)
     assert split is not None and split.native_rng is True
     assert "fast per-sample masks in 1 of 3" in reason and "AlphaDropout runs natively" in reason
     samples, info = mcu.sample(model, x, 8, strategy="prefix", seed=0, return_info=True)

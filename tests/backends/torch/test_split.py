@@ -1,4 +1,4 @@
-"""Fast exact sampling on PyTorch: cheap masks, prefix caching, parallel determinism, auto's choice."""
+"""PyTorch prefix caching: the fx split, fast masks in the suffix, fused channel dropout + convolution tables."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ from tests.conftest import require_module
 torch = require_module("torch")
 from torch import nn  # noqa: E402
 
-from mcu.backends import (
-    _torch_graph,  # noqa: E402
-    get_backend,  # noqa: E402
-)
-from mcu.backends._torch_graph import Masks, fast_dropout  # noqa: E402
-from mcu.backends._torch_rng import Streams  # noqa: E402
-from mcu.backends.torch import _twin_info  # noqa: E402
+from mcu.backends import get_backend  # noqa: E402
+from mcu.backends.torch import kernels  # noqa: E402
+from mcu.backends.torch import split as torch_split  # noqa: E402
+from mcu.backends.torch.backend import _twin_info  # noqa: E402
+from mcu.backends.torch.kernels import Masks, fast_dropout  # noqa: E402
+from mcu.backends.torch.masks import Streams  # noqa: E402
 from tests import _models  # noqa: E402
 
 
@@ -89,70 +88,6 @@ def test_models_that_cannot_be_split_fall_back_and_say_why(cls, dim):
     assert info.strategy == "vectorized" and "cannot be split" in info.strategy_reason
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_parallel_is_deterministic_whatever_the_number_of_workers(workers):
-    model = _models.zoo("torch").mlp()
-    x = np.random.default_rng(0).standard_normal((4, 784)).astype(np.float32)
-    reference = mcu.sample(model, x, 23, strategy="prefix", chunk_size=12, seed=7)
-    out = mcu.sample(model, x, 23, strategy="parallel", chunk_size=12, seed=7, workers=workers)
-    np.testing.assert_array_equal(out, reference)
-    assert torch.get_num_threads() >= 1
-
-
-@pytest.mark.parametrize("chunk_size", [4, 12, 40, 400])
-def test_samples_do_not_depend_on_how_they_are_grouped_into_passes(chunk_size):
-    """Per-sample generators: prefix with any copies per pass, and seeded auto, return the same samples."""
-    model = _models.zoo("torch").cnn()
-    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
-    reference = mcu.sample(model, x, 9, strategy="prefix", chunk_size=4, seed=7)
-    np.testing.assert_allclose(mcu.sample(model, x, 9, strategy="prefix", chunk_size=chunk_size, seed=7), reference,
-                               rtol=1e-5, atol=1e-6)  # batched convolutions may round differently
-    auto, info = mcu.sample(model, x, 9, chunk_size=chunk_size, seed=7, return_info=True)
-    assert info.strategy in ("prefix", "parallel")
-    np.testing.assert_allclose(auto, reference, rtol=1e-5, atol=1e-6)
-
-
-def test_parallel_restores_the_thread_count():
-    before = torch.get_num_threads()
-    mcu.sample(_models.zoo("torch").mlp(), np.ones((2, 784), np.float32), 8, strategy="parallel", workers=2)
-    assert torch.get_num_threads() == before
-
-
-def test_parallel_falls_back_when_dropout_uses_the_global_rng():
-    model = nn.Sequential(nn.Linear(4, 4), nn.AlphaDropout(0.2), nn.Linear(4, 2))
-    _, info = mcu.sample(model, np.ones((2, 4), np.float32), 4, strategy="parallel", return_info=True)
-    assert info.strategy == "prefix" and "shared random state" in info.strategy_reason
-    assert mcu.sample(model, np.ones((2, 4), np.float32), 4, strategy="prefix", seed=0).shape == (4, 2, 2)
-
-
-def test_auto_is_stable_explained_and_reproducible():
-    model = _models.zoo("torch").mlp()
-    x = np.random.default_rng(1).standard_normal((8, 784)).astype(np.float32)
-    first, info1 = mcu.sample(model, x, 40, seed=3, return_info=True)  # runs the probe
-    second, info2 = mcu.sample(model, x, 40, seed=3, return_info=True)  # cached choice
-    np.testing.assert_array_equal(first, second)
-    assert (info1.strategy, info1.details) == (info2.strategy, info2.details)
-    assert "probe" in info1.strategy_reason
-
-
-def test_auto_probe_leaves_the_global_rng_alone():
-    model = _models.zoo("torch").mlp()
-    torch.manual_seed(5)
-    expected = torch.rand(2)
-    torch.manual_seed(5)
-    _, info = mcu.sample(model, np.ones((3, 784), np.float32), 20, seed=1, return_info=True)
-    assert "probe" in info.strategy_reason  # the first call on this model probed
-    assert torch.equal(torch.rand(2), expected)
-
-
-def test_max_memory_limits_copies_per_pass():
-    model = _models.zoo("torch").mlp()
-    x = np.ones((64, 784), np.float32)
-    _, info = mcu.sample(model, x, 50, max_memory=200_000, return_info=True)
-    # one copy of the suffix activations is 64 * 512 * 4 * 2 bytes ~ 262 kB: above the budget -> one copy
-    assert info.details["copies_per_pass"] == 1
-
-
 def test_fp16_on_a_cpu_without_native_support_warns():
     if torch.ops.mkldnn._is_mkldnn_fp16_supported():
         pytest.skip("this CPU has native fp16")
@@ -212,27 +147,15 @@ def test_a_changed_attribute_that_does_not_matter_keeps_the_split(monkeypatch):
     model, x = Counting(), np.ones((3, 4), np.float32)
     first = mcu.sample(model, x, 20, strategy="prefix", seed=0)
     builds = []
-    monkeypatch.setattr(_torch_graph, "_build", lambda *a: builds.append(1) or pytest.fail("rebuilt"))
+    monkeypatch.setattr(torch_split, "_build", lambda *a: builds.append(1) or pytest.fail("rebuilt"))
     second, info = mcu.sample(model, x, 20, strategy="prefix", seed=0, return_info=True)
     assert info.strategy == "prefix" and not builds
     np.testing.assert_array_equal(first, second)
 
 
-@pytest.mark.parametrize("strategy", ["vectorized", "prefix", "parallel"])
-def test_explicit_strategies_stay_within_the_memory_budget(strategy):
-    model = _models.zoo("torch").mlp()
-    x = np.ones((64, 784), np.float32)
-    _, info = mcu.sample(model, x, 50, strategy=strategy, max_memory=200_000, return_info=True)
-    assert info.details["copies_per_pass"] == 1 and "memory budget" in info.strategy_reason
-    _, info = mcu.sample(model, x, 50, strategy=strategy, max_memory=50 << 20, return_info=True)
-    assert info.details["copies_per_pass"] > 1  # a raised budget allows more
-    _, info = mcu.sample(model, x, 50, strategy=strategy, max_memory=200_000, chunk_size=640, return_info=True)
-    assert info.details["copies_per_pass"] == 10  # an explicit chunk_size is the caller's choice
-
-
 @pytest.mark.parametrize("affine,bias", [(True, True), (False, False), (True, False)])
 def test_conv_bn_folding_matches_the_two_modules(affine, bias):
-    from mcu.backends._torch_graph import conv_bn
+    from mcu.backends.torch.kernels import conv_bn
 
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, 3, padding=1, bias=bias)
@@ -286,7 +209,7 @@ def _pair_model(conv: nn.Conv2d, bn: bool = True, size: int = 12):
 def _builds(twin, backend):
     """The split of a sampling twin with and without fused channel dropout + convolution pairs."""
     info = _twin_info(twin)
-    return tuple(_torch_graph._build(info, backend.dropout_types, fuse=fuse) for fuse in (True, False))
+    return tuple(torch_split._build(info, backend.dropout_types, fuse=fuse) for fuse in (True, False))
 
 
 @pytest.mark.parametrize("conv, bn", [
@@ -299,7 +222,7 @@ def _builds(twin, backend):
 def test_a_fused_channel_dropout_convolution_gives_the_unfused_samples(conv, bn, n, monkeypatch):
     """The pair computed from per-channel tables draws the same masks as dropout-then-convolution (same
     generators, same order), so the samples agree up to rounding, whatever the rows per block."""
-    monkeypatch.setattr(_torch_graph, "ROW_TABLE_BYTES", 4 * _torch_graph._table_bytes(
+    monkeypatch.setattr(kernels, "ROW_TABLE_BYTES", 4 * kernels.table_bytes(
         torch.zeros(1, 5, 12, 12), conv))
     model = _pair_model(conv, bn)
     backend = get_backend("torch")
@@ -328,7 +251,7 @@ def test_fused_samples_do_not_depend_on_the_block_or_row_grouping(monkeypatch):
     for chunk in (6, 5 * 6):
         torch.testing.assert_close(mcu.sample(model, x, 12, strategy="prefix", seed=3, chunk_size=chunk),
                                    reference, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(_torch_graph, "ROW_TABLE_BYTES", 1)  # one example per row block
+    monkeypatch.setattr(kernels, "ROW_TABLE_BYTES", 1)  # one example per row block
     torch.testing.assert_close(mcu.sample(model, x, 12, strategy="prefix", seed=3, chunk_size=4 * 6),
                                reference, rtol=1e-5, atol=1e-5)
 
@@ -488,73 +411,6 @@ def test_reused_buffers_never_overwrite_a_result_still_in_use():
     assert len({s.tobytes() for s in samples}) == 12  # no block's samples were overwritten by a later one
 
 
-def test_auto_can_choose_the_split_without_fused_pairs(monkeypatch):
-    """The tables only pay with enough copies per pass, so auto also times the unfused variant of the split;
-    when that is faster it runs it (and says so), with the same samples up to rounding."""
-    from mcu.strategies import auto
-
-    model = _models.zoo("torch").cnn()
-    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
-    timed_fused = []
-
-    def fake_time(strategy, plan, copies):  # the unfused variant "wins"; record which variants were timed
-        fused = bool(getattr(plan.split, "fused", ()))
-        timed_fused.append(fused)
-        return 1.0 if fused or strategy.name != "prefix" else 0.5
-
-    monkeypatch.setattr(auto, "_time_per_sample", fake_time)
-    samples, info = mcu.sample(model, x, 20, seed=4, return_info=True)
-    assert True in timed_fused and False in timed_fused
-    assert info.strategy == "prefix" and "not fused" in info.strategy_reason, info.strategy_reason
-    fused = mcu.sample(model, x, 20, strategy="prefix", seed=4)
-    np.testing.assert_allclose(samples, fused, rtol=1e-5, atol=1e-5)
-
-
-def test_auto_times_the_largest_blocks_first_and_stops_two_sizes_past_the_best(monkeypatch):
-    """The biggest blocks run first (before other sizes' allocator caches pile up) and a family stops after
-    two sizes more than 1.2x slower than its best: here 100 copies per pass is best, so 50 and 25 end the scan.
-    The second scan skips what is far behind, the loop included."""
-    from mcu.strategies import auto
-
-    model = _models.zoo("torch").mlp()
-    x = np.random.default_rng(0).standard_normal((4, 784)).astype(np.float32)
-    timed = []
-
-    def fake_time(strategy, plan, copies):
-        timed.append((strategy.name, copies))
-        return 1.0 / copies if strategy.name != "loop" else 1.0  # bigger blocks: faster per sample
-
-    monkeypatch.setattr(auto, "_time_per_sample", fake_time)
-    monkeypatch.setattr(auto, "PARALLEL_MIN_BLOCK_SECONDS", float("inf"))  # single-thread families only
-    _, info = mcu.sample(model, x, 100, max_memory=1 << 30, return_info=True)
-    start = timed.index(("prefix", 100))
-    first_scan = [c for name, c in timed[start : timed.index(("prefix", 100), start + 1)] if name == "prefix"]
-    assert first_scan == [100, 50, 25], timed
-    # the loop: once, for the tiny-pass check, which counts as the first scan's; far behind, not timed again
-    assert timed.count(("loop", 1)) == 1, timed
-    assert info.strategy == "prefix" and info.details["copies_per_pass"] == 100
-
-
-@pytest.mark.parametrize("ratio, parallel_runs", [(1.5, 2), (2.5, 1)])
-def test_the_second_scan_skips_worker_threads_far_behind(monkeypatch, ratio, parallel_runs):
-    """Worker threads get a second look like every other configuration: only within RESCAN_FACTOR of the best."""
-    from mcu.strategies import auto
-
-    model = _models.zoo("torch").mlp()
-    x = np.random.default_rng(0).standard_normal((4, 784)).astype(np.float32)
-    runs = []
-
-    def fake_time(strategy, plan, copies):
-        runs.append(strategy.name)
-        return {"loop": 1.0, "prefix": 0.01, "vectorized": 0.5}.get(strategy.name, ratio * 0.01)
-
-    monkeypatch.setattr(auto, "_time_per_sample", fake_time)
-    monkeypatch.setattr(auto, "PARALLEL_MIN_BLOCK_SECONDS", 0.0)
-    _, info = mcu.sample(model, x, 40, workers=2, return_info=True)
-    assert info.strategy == "prefix", info.strategy_reason
-    assert runs.count("parallel") == parallel_runs, runs
-
-
 @pytest.mark.parametrize("strategy", ["auto", "prefix", "parallel"])
 def test_a_call_leaves_no_reference_cycles_behind(strategy):
     """What a call allocates is freed when it returns, also while Python's cycle collector is paused (as the
@@ -582,9 +438,9 @@ def _fused_and_plain(model, x):
     backend = get_backend("torch")
     with backend.mc_mode(model, "dropout", x) as twin:
         info = _twin_info(twin)
-        split, why = _torch_graph.split_model(info, x, backend.dropout_types)
+        split, why = torch_split.split_model(info, x, backend.dropout_types)
         assert split is not None, why
-        plain = _torch_graph._build(info, backend.dropout_types, fuse=False)
+        plain = torch_split._build(info, backend.dropout_types, fuse=False)
         frontier = split.prefix(x)
         seeds = list(range(20, 26))
         fused = split.suffix(frontier, backend.generators(model, seeds))
@@ -645,7 +501,7 @@ def test_fused_pairs_keep_the_model_order_of_mask_draws():
 
 def test_row_blocks_pass_plain_frontier_values_through(monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(_torch_graph, "ROW_TABLE_BYTES", 1)  # one example per row block
+    monkeypatch.setattr(kernels, "ROW_TABLE_BYTES", 1)  # one example per row block
     model = IntFromInput().eval()
     x = torch.randn(5, 2, 12, 12)
     split, fused, unfused = _fused_and_plain(model, x)
@@ -655,7 +511,7 @@ def test_row_blocks_pass_plain_frontier_values_through(monkeypatch):
 
 def test_a_split_whose_row_blocks_would_change_the_samples_is_not_fused(monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(_torch_graph, "ROW_TABLE_BYTES", 1)
+    monkeypatch.setattr(kernels, "ROW_TABLE_BYTES", 1)
     model = RowsReshaped().eval()
     x = torch.randn(4, 2, 12, 12)
     split, fused, unfused = _fused_and_plain(model, x)

@@ -4,8 +4,7 @@ Each Monte Carlo sample has its own stream (:class:`Streams`), so a sample's mas
 on how samples are grouped into passes or spread over threads. The streams are *counter-based*: word ``i`` of
 the stream with key ``K`` is ``splitmix64(K + (i + 1) * GAMMA)`` (Steele, Lea & Flood 2014, the finaliser of
 Java's ``SplittableRandom``; it passes BigCrush). Every word of every stream of a block is computed by a dozen
-whole-tensor integer operations, on any device; no generator objects are seeded or called per sample (that had
-cost ~2 us per sample and dropout layer on this project's CPU: a third of a single-request MLP call).
+whole-tensor integer operations, on any device; no generator objects are seeded or called per sample.
 """
 
 from __future__ import annotations
@@ -14,18 +13,17 @@ import functools
 import itertools
 import math
 import threading
-from fractions import Fraction
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from mcu.backends import _keys
+from mcu import _seeds
 
 __all__ = ["Streams", "bernoulli_masks", "splitmix64"]
 
 _MASK64 = (1 << 64) - 1
-_GAMMA = _keys.GAMMA
+_GAMMA = _seeds.GAMMA
 _MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 _WORD = 1 << 32
 _EXPANSION = 104  # bits of keep's binary expansion: 8 + 3 x 32
@@ -72,7 +70,7 @@ def _steps(count: int, device: torch.device) -> torch.Tensor:
 
 class Streams:
     """One counter-based random stream per sample: ``words(count)`` gives every stream its next ``count``
-    64-bit words at once. Stream ``j``'s key is :func:`mcu.backends._keys.sample_keys` of ``seeds[j]`` (as for
+    64-bit words at once. Stream ``j``'s key is :func:`mcu._seeds.sample_keys` of ``seeds[j]`` (as for
     Keras); the seeds are distinct per sample (:class:`mcu.strategies.base.SeedStream`), so the keys are too.
 
     All streams consume the same number of bulk words (one mask after another, in graph order), so one counter
@@ -83,7 +81,7 @@ class Streams:
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.seeds = [int(s) for s in seeds]
-        keys = torch.from_numpy(_keys.sample_keys(self.seeds).view(np.int64)).view(-1, 1)
+        keys = torch.from_numpy(_seeds.sample_keys(self.seeds).view(np.int64)).view(-1, 1)
         self.keys = keys.to(self.device)
         self.offset = 0
         self._parent: Streams | None = None  # a view's root (the root itself is not stored: no reference cycle)
@@ -119,7 +117,7 @@ class Streams:
         """32-bit words for resolving the ties of stream ``j``'s mask that starts at bulk word ``offset``: a
         SplitMix64 stream keyed by word ``2**62 + offset`` of stream ``j`` (never a bulk word), so they depend
         only on the stream and the mask, not on which streams were drawn together."""
-        key = splitmix64(int(_keys.sample_keys(self.seeds[j : j + 1])[0]) + (_TIES + offset + 1) * _GAMMA)
+        key = splitmix64(int(_seeds.sample_keys(self.seeds[j : j + 1])[0]) + (_TIES + offset + 1) * _GAMMA)
         for i in itertools.count(1):
             yield splitmix64(key + i * _GAMMA) & (_WORD - 1)
 
@@ -150,12 +148,10 @@ def _shifts(b: int, device: torch.device) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def keep_bits(keep: float) -> tuple[int, int]:
     """``(b, q)`` with ``keep == q / 2**b`` for the smallest ``b`` in 1, 2, 4, 8 (dyadic keep rates: 0.5, 0.75,
-    0.9375, any multiple of 1/256); otherwise ``(0, q)`` with ``q`` the first 104 bits of ``keep``'s expansion."""
-    q = int(Fraction(keep) * (1 << _EXPANSION))
-    for b in (1, 2, 4, 8):
-        if q % (1 << (_EXPANSION - b)) == 0:
-            return b, q >> (_EXPANSION - b)
-    return 0, q
+    0.9375, any multiple of 1/256); otherwise ``(0, q)`` with ``q`` the first 104 bits of ``keep``'s expansion
+    (:func:`mcu._seeds.keep_plan`)."""
+    bits, threshold, rest = _seeds.keep_plan(keep, _EXPANSION, (1, 2, 4, 8))
+    return (bits, threshold) if rest == 0 else (0, (threshold << (_EXPANSION - bits)) | rest)
 
 
 def _bytes(words: torch.Tensor) -> torch.Tensor:

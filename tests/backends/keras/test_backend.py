@@ -102,7 +102,7 @@ def test_low_precision_on_a_subclassed_keras_model_is_refused_clearly():
 
 
 def test_fp16_warns_without_native_support():
-    from mcu.backends.tensorflow import _native_fp16
+    from mcu.backends.keras.backend import _native_fp16
 
     if _native_fp16():
         pytest.skip("this machine has native fp16")
