@@ -8,6 +8,7 @@ import pytest
 import mcu
 from mcu import metrics
 from mcu.core.predict import batch_seeds
+from tests.conftest import require_module
 
 
 @pytest.mark.parametrize("batch_size", [None, 3])
@@ -45,7 +46,7 @@ def test_auto_sample_count_meets_the_tolerance(models, rng):
 
 
 def test_regression_prediction_and_interval():
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
     x = np.random.default_rng(0).standard_normal((9, 3)).astype(np.float32)

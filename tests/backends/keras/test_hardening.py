@@ -1,4 +1,4 @@
-"""Keras misuse that once poisoned later calls, passed silently or raised unexplained errors (issue 19)."""
+"""Keras misuse that once poisoned later calls, passed silently or raised unexplained errors."""
 
 from __future__ import annotations
 

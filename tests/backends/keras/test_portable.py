@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import mcu
+from tests.conftest import require_module
 
 if os.environ.get("KERAS_BACKEND") not in ("jax", "torch"):
     pytest.skip("run with KERAS_BACKEND=jax or KERAS_BACKEND=torch", allow_module_level=True)
-keras = pytest.importorskip("keras")
+keras = require_module("keras")
 L = keras.layers
 T = 100  # eager passes: the standard error of the ratio is still a few percent
 
