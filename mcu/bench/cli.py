@@ -1,4 +1,4 @@
-"""``mcu bench`` / ``python -m benchmarks``: speed, memory and precision of the MC-dropout strategies.
+"""``mcu bench`` (``python -m mcu.bench``): speed, memory and precision of the MC-dropout strategies.
 
 Examples:
     mcu bench --quick                                  # MLP and CNN, both backends, a few minutes
@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks import external, suite
-from benchmarks.machine import machine_info
-from benchmarks.report import text, write_all
-from benchmarks.workloads import WORKLOADS, custom_workload
+from mcu.bench import external, suite
+from mcu.bench.machine import machine_info
+from mcu.bench.report import text, write_all
+from mcu.bench.workloads import WORKLOADS, custom_workload
 from mcu.core.progress import show_progress
 
 PROFILES = {  # values of suite.Settings fields (workloads by name)
