@@ -55,6 +55,19 @@ def test_bench_smoke(tmp_path, capsys):
     assert "Dense-layer throughput" not in printed and "peak" not in results  # only with a transformer workload
 
 
+def test_python_m_benchmarks_runs_mcu_bench():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    outputs = [subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True, cwd=root,
+                              env=env, check=True).stdout for command in (["benchmarks"], ["mcu.cli", "bench"])]
+    assert outputs[0].startswith("usage: mcu bench") and outputs[0] == outputs[1]
+
+
 def test_page_faults_script_reports_time_and_faults_per_call(capsys):
     require_backend("torch")
     import pytest
