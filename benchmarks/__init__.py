@@ -1,7 +1,6 @@
-"""The mcu benchmark suite: ``mcu bench`` / ``python -m benchmarks`` (see ``benchmarks/__main__.py``).
+"""Benchmark scripts of the mcu repository (not installed with mcu).
 
-Modules: ``workloads`` (the models, once per architecture, one builder per framework), ``external`` (the
-reference article's loops and baal), ``runner`` (the worker process: timing, memory, precision, convergence),
-``suite`` (the plan and the workers), ``memory``, ``precision``, ``machine``, ``report`` (tables, CSV, JSON,
-plots, Markdown).
+The suite behind ``mcu bench`` lives in :mod:`mcu.bench`; ``python -m benchmarks`` runs it from a checkout.
+The scripts here measure one thing each and import what they share from :mod:`mcu.bench`:
+``first_call_memory``, ``page_faults``, ``predict_memory``, ``ray_throughput``. Results: ``RESULTS.md``.
 """

@@ -2,11 +2,12 @@
 
 ``mcu bench`` measures each strategy's peak once per run (a fresh process per row). For ``auto`` that first
 call includes its probe, whose peak depends on how the C allocator laid out the many block sizes it tried, so
-one run says little. This runs the same measurement (:func:`benchmarks.runner.run_memory`: a one-row warm-up,
+one run says little. This runs the same measurement (:func:`mcu.bench.runner.run_memory`: a one-row warm-up,
 then ``VmHWM`` minus RSS around one call) ``--rounds`` times per configuration, one process at a time, the
 configurations alternating within each round, and prints medians and ranges. ``--compare DIR`` adds
 ``auto`` from another checkout of mcu (e.g. ``git worktree add /tmp/old HEAD~1``), run in the same rounds
-(mcu and its benchmark code both imported from there).
+(mcu and its benchmark code both imported from there; from a checkout older than ``mcu.bench``, its
+``benchmarks.runner``).
 
 Run: python -m benchmarks.first_call_memory [--backend torch] [--workload cnn] [--n 64] [--t 100]
          [--strategies loop,auto] [--rounds 10] [--compare DIR]
@@ -27,8 +28,11 @@ def _run(args: argparse.Namespace, strategy: str, root: str) -> dict:
     """One measurement in a fresh process, with mcu (and the benchmark code) imported from ``root``."""
     task = {"backend": args.backend, "n": args.n, "t": args.t, "workload": {"name": args.workload},
             "config": {"kind": "mcu", "strategy": strategy, "precision": "fp32"}}
-    code = (f"import json, sys; sys.path.insert(0, {os.path.abspath(root)!r}); "
-            "from benchmarks.runner import run_memory; "
+    code = (f"import json, sys\nsys.path.insert(0, {os.path.abspath(root)!r})\n"
+            "try:\n    from mcu.bench.runner import run_memory\n"
+            "except ModuleNotFoundError as e:  # a checkout from before mcu.bench: its benchmarks package\n"
+            "    if e.name not in ('mcu.bench', 'mcu.bench.runner'):\n        raise\n"
+            "    from benchmarks.runner import run_memory\n"
             f"print(json.dumps(run_memory({task!r}, {{}})[0], default=str))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import mcu
-    from benchmarks.machine import allocator_env
-    from benchmarks.workloads import WORKLOADS, inputs
+    from mcu.bench.machine import allocator_env
+    from mcu.bench.workloads import WORKLOADS, inputs
 
     if args.workload not in WORKLOADS:
         parser.error(f"--workload: expected one of {', '.join(WORKLOADS)}, got {args.workload!r}")

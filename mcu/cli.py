@@ -18,13 +18,13 @@ def _info(args: argparse.Namespace) -> int:
     return 1 if info.get("error") else 0  # a misconfiguration is reported, and the exit status says so
 
 
-_DELEGATED = {"bench": "benchmarks.__main__", "demo": "mcu.demo", "serve": "mcu.serve.cli"}
+_DELEGATED = {"bench": "mcu.bench.cli", "demo": "mcu.demo", "serve": "mcu.serve.cli"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"] and "--serve" in argv:  # the HTTP load benchmark of `mcu serve`
-        return importlib.import_module("benchmarks.serve").main([a for a in argv[1:] if a != "--serve"])
+        return importlib.import_module("mcu.bench.serve").main([a for a in argv[1:] if a != "--serve"])
     if argv and argv[0] in _DELEGATED:  # the sub-command parses its own options (--quick, --out, ...)
         return importlib.import_module(_DELEGATED[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="mcu", description="Monte Carlo dropout uncertainty toolkit.")

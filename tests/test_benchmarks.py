@@ -15,7 +15,7 @@ from tests.conftest import require_backend, require_module
 def test_bench_smoke(tmp_path, capsys):
     require_backend("torch")
     require_backend("tensorflow")
-    from benchmarks.__main__ import main
+    from mcu.bench.cli import main
 
     out = tmp_path / "results"
     code = main([
@@ -53,6 +53,19 @@ def test_bench_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Timing" in printed and "FAILED[" in printed and "no-such-strategy" in printed
     assert "Dense-layer throughput" not in printed and "peak" not in results  # only with a transformer workload
+
+
+def test_python_m_benchmarks_runs_mcu_bench():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    outputs = [subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True, cwd=root,
+                              env=env, check=True).stdout for command in (["benchmarks"], ["mcu.cli", "bench"])]
+    assert outputs[0].startswith("usage: mcu bench") and outputs[0] == outputs[1]
 
 
 def test_page_faults_script_reports_time_and_faults_per_call(capsys):
@@ -97,8 +110,8 @@ def test_first_call_memory_script_measures_each_configuration_in_fresh_processes
 
 
 def test_transformer_workload_counts_encoder_matmuls_and_has_its_own_cases():
-    from benchmarks.__main__ import parser, settings_from
-    from benchmarks.workloads import WORKLOADS, TransformerSpec
+    from mcu.bench.cli import parser, settings_from
+    from mcu.bench.workloads import WORKLOADS, TransformerSpec
 
     spec = TransformerSpec()
     h, i, length, layers = 256, 1024, 64, 4
@@ -121,7 +134,7 @@ def test_transformer_bench_rows_report_dense_gflops_against_the_matmul_peak(tmp_
     require_backend("torch")
     require_backend("tensorflow")
     require_module("transformers")
-    from benchmarks.__main__ import main
+    from mcu.bench.cli import main
 
     out = tmp_path / "results"
     assert main([

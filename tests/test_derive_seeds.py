@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 
@@ -28,9 +26,8 @@ def test_none_stays_unseeded():
 
 
 def test_old_names_are_the_same_function():
-    from mcu.active import loop
+    from mcu.active import loop, querying
     from mcu.core.predict import batch_seeds
 
-    query_module = importlib.import_module("mcu.active.query")
     assert batch_seeds is derive_seeds
-    assert query_module.derive_seed is derive_seed and loop.derive_seed is derive_seed
+    assert querying.derive_seed is derive_seed and loop.derive_seed is derive_seed

@@ -25,8 +25,8 @@ def _default(function):
 RUN_THE_MODEL = [
     ("mcu.core.predict", "predict"),
     ("mcu.core.scoring", "score_batch"),
-    ("mcu.active.query", "query"),
-    ("mcu.active.query", "score_chunk"),
+    ("mcu.active.querying", "query"),
+    ("mcu.active.querying", "score_chunk"),
 ]
 
 

@@ -162,7 +162,7 @@ def test_a_non_table_tool_section_is_an_input_error(monkeypatch, tmp_path):
 
 
 def test_bench_checks_out_before_running(monkeypatch, tmp_path, capsys):
-    suite = importlib.import_module("benchmarks.suite")
+    suite = importlib.import_module("mcu.bench.suite")
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the benchmark ran before --out was checked")

@@ -1,4 +1,5 @@
-"""``import mcu`` and its lazy subpackage attributes import no framework, Ray or plotting library."""
+"""``import mcu`` and its lazy subpackage attributes import no framework, Ray or plotting library; the wheel
+holds mcu alone."""
 
 from __future__ import annotations
 
@@ -52,3 +53,20 @@ def test_readme_spelling_works_after_a_bare_import():
 def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_thing"):
         mcu.no_such_thing  # noqa: B018
+
+
+def test_bench_main_process_imports_no_framework():
+    loaded = _modules_after("import mcu.bench.cli, mcu.bench.suite, mcu.bench.report, mcu.bench.serve")
+    assert [name for name in HEAVY if name in loaded] == []
+
+
+def test_the_wheel_holds_mcu_and_no_top_level_benchmarks_package():
+    setuptools = pytest.importorskip("setuptools")
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = setuptools.find_packages(where=str(ROOT), include=find["include"], exclude=find.get("exclude", ()))
+    assert "mcu.bench" in packages
+    assert [p for p in packages if p.split(".")[0] != "mcu"] == []

@@ -6,8 +6,8 @@
 * :class:`ActiveLearningLoop` — query → label (callback or CSV/JSON files) → retrain → evaluate, with a
   label budget, plateau stopping, a learning-curve history, and crash-safe state.
 
-Note: ``mcu.active.query`` is the function; the module that defines it is reached with
-``importlib.import_module("mcu.active.query")``.
+The query and the pieces other engines share with it (``score_chunk``, ``check_k``, ``sorted_subset``) live in
+:mod:`mcu.active.querying`.
 
 Example:
     >>> from mcu.active import HEURISTICS
@@ -18,6 +18,6 @@ Example:
 from mcu.active import acquisition
 from mcu.active.acquisition import HEURISTICS
 from mcu.active.loop import ActiveLearningLoop, plot_history
-from mcu.active.query import query
+from mcu.active.querying import query
 
 __all__ = ["HEURISTICS", "ActiveLearningLoop", "acquisition", "plot_history", "query"]

@@ -42,7 +42,7 @@ from mcu._checks import check_choice, check_int, check_number, fail
 from mcu._seeds import derive_seed
 from mcu.active._pool import iter_chunks, pool_length, take
 from mcu.active.acquisition import get_heuristic
-from mcu.active.query import query
+from mcu.active.querying import query
 from mcu.core.sampling import MAX_SEED
 from mcu.errors import InputError
 

@@ -39,7 +39,7 @@ from ray.data import ActorPoolStrategy
 
 from mcu.active.acquisition import SCORES, batch_bald, get_heuristic
 from mcu._seeds import derive_seed
-from mcu.active.query import check_k, score_chunk, sorted_subset
+from mcu.active.querying import check_k, score_chunk, sorted_subset
 from mcu.core.predict import DEFAULT_BATCH
 from mcu._checks import check_choice, check_int, check_number
 from mcu.core.scoring import TASKS, check_stopping_rule, score_batch

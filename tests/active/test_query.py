@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 
 import mcu
-from mcu.active import query
+from mcu.active import query, querying
 from mcu.active.acquisition import bald, entropy
 from mcu.errors import InputError
 from tests.conftest import require_backend
-
-query_module = importlib.import_module("mcu.active.query")  # `mcu.active.query` is the function
 
 
 def tiny_model(backend: str, p: float = 0.5, n_in: int = 4, n_out: int = 3):
@@ -64,7 +62,7 @@ def torch_model():
 def test_top_k_matches_scoring_the_whole_pool_at_once(backend):
     model, x = tiny_model(backend), pool()
     indices, scores = query(model, x, 7, heuristic="bald", n_samples=8, batch_size=64, seed=3, progress=False)
-    samples = mcu.sample(model, x, 8, seed=query_module.derive_seed(3, 0))  # one chunk: chunk 0's seed
+    samples = mcu.sample(model, x, 8, seed=querying.derive_seed(3, 0))  # one chunk: chunk 0's seed
     full = bald(samples, from_logits=True)
     expected = np.lexsort((np.arange(len(x)), -full))[:7]
     np.testing.assert_array_equal(indices, expected)
@@ -92,7 +90,7 @@ def test_ties_go_to_the_lower_index_across_chunks():
 
 
 def test_running_top_orders_by_score_then_index():
-    top = query_module._RunningTop(4, keep_samples=False)
+    top = querying._RunningTop(4, keep_samples=False)
     top.push(np.array([5, 6, 7]), np.array([0.5, 0.9, 0.5]))
     top.push(np.array([1, 2, 9]), np.array([0.5, 0.1, 0.9]))
     assert top.indices.tolist() == [6, 9, 1, 5]
@@ -135,13 +133,13 @@ def test_batchbald_returns_distinct_indices_starting_with_the_top_bald_example(t
 
 def test_batchbald_keeps_only_a_bounded_candidate_set(torch_model, monkeypatch):
     seen = {}
-    real = query_module.batch_bald
+    real = querying.batch_bald
 
     def spy(samples, k, **kwargs):
         seen["shape"] = samples.shape
         return real(samples, k, **kwargs)
 
-    monkeypatch.setattr(query_module, "batch_bald", spy)
+    monkeypatch.setattr(querying, "batch_bald", spy)
     query(torch_model, pool(300), 3, heuristic="batchbald", n_samples=4, batch_size=50, seed=0, progress=False)
     assert seen["shape"] == (4, 256, 3)  # min(pool, max(4k, 256)) candidates
 
@@ -227,3 +225,9 @@ def test_tf_data_pool_matches_the_numpy_pool(torch_model):
 def test_unsupported_pool_is_rejected():
     with pytest.raises(InputError, match="pool: expected a numpy array"):
         query(None, object(), 1, heuristic="random")
+
+
+def test_mcu_active_query_is_the_function_and_no_module():
+    assert mcu.active.query is query is querying.query and callable(query)
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("mcu.active.query")

@@ -111,7 +111,7 @@ def assert_same(prediction, reference, fields=FIELDS, tol=1e-6):
 
 
 def test_chunk_seeds_are_the_single_machine_batch_seeds():
-    from mcu.active.query import derive_seed
+    from mcu.active.querying import derive_seed
     from mcu.distributed.ray_engine import chunk_seed
 
     for seed in (0, 7, 2**31 + 5):

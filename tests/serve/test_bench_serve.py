@@ -1,4 +1,4 @@
-"""benchmarks.serve in small: the load generator against in-process servers, the naive server, the report."""
+"""`mcu bench --serve` (mcu.bench.serve) in small: load generator, in-process servers, naive server, report."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 if importlib.util.find_spec("starlette") is None:
     pytest.skip('the serve extra is not installed (pip install "mcu[serve]")', allow_module_level=True)
 
-from benchmarks import serve as bench  # noqa: E402
+from mcu.bench import serve as bench  # noqa: E402
 from mcu.serve import create_app  # noqa: E402
 from tests.conftest import require_backend  # noqa: E402
 from tests.serve._server import running  # noqa: E402

@@ -1,4 +1,4 @@
-"""``mcu.active.query``: score an unlabeled pool chunk by chunk and return the examples to label next."""
+"""Pool queries (:func:`mcu.active.query`): score an unlabeled pool chunk by chunk and return the examples to label next."""
 
 from __future__ import annotations
 

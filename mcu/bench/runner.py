@@ -1,6 +1,6 @@
 """The worker: runs benchmark tasks for ONE backend in a fresh process and streams one JSON line per task.
 
-``python -m benchmarks.runner`` reads ``{"backend", "settings", "tasks": [...]}`` on stdin. Task kinds:
+``python -m mcu.bench.runner`` reads ``{"backend", "settings", "tasks": [...]}`` on stdin. Task kinds:
 
 - ``timing``: one case (workload, N, T) and its configurations (mcu strategy x precision, or an external).
   Each configuration gets a probe (two calls at min(T, 10) samples: the first is the cold call, reported as
@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import external
-from benchmarks.memory import address_space_limit, peak_rss_mb, reset_peak, rss_mb
-from benchmarks.precision import compare, convergence_metrics
-from benchmarks.workloads import WORKLOADS, Workload, custom_workload, inputs
+from mcu.bench import external
+from mcu.bench.memory import address_space_limit, peak_rss_mb, reset_peak, rss_mb
+from mcu.bench.precision import compare, convergence_metrics
+from mcu.bench.workloads import WORKLOADS, Workload, custom_workload, inputs
 
 MARK = "@@BENCH "
 REFERENCE = {"strategy": "loop", "precision": "fp32", "kind": "mcu"}

@@ -1,6 +1,6 @@
 """The plan (which cases, configurations and extra studies) and its execution in worker processes.
 
-The main process never imports a framework. Per backend it starts one worker (``benchmarks.runner``) for the
+The main process never imports a framework. Per backend it starts one worker (``mcu.bench.runner``) for the
 timing cases, the precision and the convergence studies, then one fresh worker per memory configuration.
 Backends and workers run one after another, never side by side (except memory workers with ``memory_jobs``
 > 1: peak RSS is per process, but then no timing is taken from them). A worker that dies (e.g. killed for
@@ -22,11 +22,11 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks import external
-from benchmarks.memory import available_bytes
-from benchmarks.report import label
-from benchmarks.runner import MARK, REFERENCE
-from benchmarks.workloads import Workload
+from mcu.bench import external
+from mcu.bench.memory import available_bytes
+from mcu.bench.report import label
+from mcu.bench.runner import MARK, REFERENCE
+from mcu.bench.workloads import Workload
 
 __all__ = ["Settings", "estimate_seconds", "estimate_total", "memory_plan", "plan", "run"]
 
@@ -197,13 +197,13 @@ def _worker(backend: str, settings: Settings, tasks: list[dict], on_result: Call
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
     if backend == "tensorflow":
         env["KERAS_BACKEND"] = "tensorflow"  # the tensorflow backend means Keras 3 on TensorFlow
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding this mcu: the worker imports it
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     pending = list(tasks)
     report: dict = {}
     while pending:
         job = json.dumps({"backend": backend, "settings": settings.worker_settings(processes), "tasks": pending})
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.runner"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "mcu.bench.runner"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         stderr_tail: list[str] = []
         reader = threading.Thread(target=_keep_tail, args=(proc.stderr, stderr_tail))

@@ -1,9 +1,9 @@
-"""``python -m benchmarks.serve`` / ``mcu bench --serve``: HTTP load on ``mcu serve`` and on a naive server.
+"""``mcu bench --serve`` / ``python -m mcu.bench.serve``: HTTP load on ``mcu serve`` and on a naive server.
 
 Both servers run the article's MLP (784-512-10, Dropout 0.5) in their own process on a loopback port and
 answer one example per request with T = 50 samples:
 
-* **mcu serve**: the real command (``mcu serve benchmarks.serve:torch_mlp ...``): micro-batching, one
+* **mcu serve**: the real command (``mcu serve mcu.bench.serve:torch_mlp ...``): micro-batching, one
   sampling thread, the fastest exact strategy.
 * **mcu serve --seed 0**: the same with a configured seed: each example sampled alone (no shared passes);
 * **naive**: the article's way: one request at a time, the model in training mode, T eager forward passes
@@ -17,8 +17,8 @@ sampling call (from its ``/metrics``). Targets (issue 18), at 16 clients: p99 <=
 >= 5x the naive server's, for each backend.
 
 Examples:
-    python -m benchmarks.serve                                  # both backends, concurrency 1,4,16,64
-    python -m benchmarks.serve --backend torch --concurrency 16 --seconds 5
+    mcu bench --serve                                   # both backends, concurrency 1,4,16,64
+    mcu bench --serve --backend torch --concurrency 16 --seconds 5
     mcu bench --serve --out bench-results
 """
 
@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the directory holding mcu (a checkout or site-packages)
 HOST = "127.0.0.1"  # loopback only
 TARGET_CONCURRENCY, TARGET_P99_MS, TARGET_SPEEDUP = 16, 100.0, 5.0
 LABELS = {"mcu": "mcu serve", "mcu-seeded": "mcu serve --seed", "naive": "naive"}
@@ -48,18 +48,18 @@ LABELS = {"mcu": "mcu serve", "mcu-seeded": "mcu serve --seed", "naive": "naive"
 
 def torch_mlp() -> Any:
     """The article's MCNet (784-512-10, Dropout 0.5), fixed weights."""
-    from benchmarks.workloads import WORKLOADS
+    from mcu.bench.workloads import WORKLOADS
 
     return WORKLOADS["mlp"].build("torch", seed=0).eval()
 
 
 def keras_mlp() -> Any:
-    from benchmarks.workloads import WORKLOADS
+    from mcu.bench.workloads import WORKLOADS
 
     return WORKLOADS["mlp"].build("tensorflow", seed=0)
 
 
-FACTORIES = {"torch": "benchmarks.serve:torch_mlp", "tensorflow": "benchmarks.serve:keras_mlp"}
+FACTORIES = {"torch": "mcu.bench.serve:torch_mlp", "tensorflow": "mcu.bench.serve:keras_mlp"}
 
 
 # ------------------------------------------------------------------------------------------ the naive server
@@ -143,7 +143,7 @@ class Server:
                        "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                        "--log-level", "warning"] + (["--seed", "0"] if kind == "mcu-seeded" else [])
         else:
-            command = [sys.executable, "-m", "benchmarks.serve", "--naive-server", backend, "--port", str(self.port),
+            command = [sys.executable, "-m", "mcu.bench.serve", "--naive-server", backend, "--port", str(self.port),
                        "--n-samples", str(args.n_samples)]
         if args.threads:  # the same thread setting for both servers
             command += ["--threads", str(args.threads)]
@@ -360,7 +360,7 @@ def _ints(text: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="mcu bench --serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--backend", default="all", help="torch | tensorflow | all installed (default)")

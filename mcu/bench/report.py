@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import summary
+from mcu.bench.machine import summary
 
 __all__ = ["markdown", "tables", "text", "write_all"]
 
