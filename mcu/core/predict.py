@@ -152,10 +152,12 @@ def predict(
         ``(t, batch_size, C)`` outputs plus O(N·C) results.
     """
     remote = engine_function(engine, "predict")
-    if remote is not None:
+    if remote is not None:  # the engine's predict writes files to its own output=: ours is model_output there
+        options = {k: v for k, v in sample_options.items() if k != "output"}
         return remote(model, x, n_samples, task=task, from_logits=from_logits, seed=seed, strategy=strategy,
-                           batch_size=batch_size, tol=tol, max_samples=max_samples, score=score, noise_var=noise_var,
-                           heteroscedastic=heteroscedastic, progress=progress, **sample_options)
+                      batch_size=batch_size, tol=tol, max_samples=max_samples, score=score, noise_var=noise_var,
+                      heteroscedastic=heteroscedastic, progress=progress,
+                      model_output=sample_options.get("output"), **options)
     unknown = sorted(set(sample_options) - set(SAMPLE_OPTIONS))
     if unknown:
         raise InputError(f"{unknown[0]}: unknown keyword argument of mcu.predict; expected one of the documented "

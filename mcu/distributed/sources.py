@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -18,21 +19,25 @@ import numpy as np
 
 from mcu.errors import InputError
 
-__all__ = ["Pool", "PoolReader", "features_from_arrow", "features_from_numpy", "list_parquet"]
+__all__ = ["Pool", "PoolReader", "features_from_arrow", "features_from_numpy", "list_parquet", "structured_leaves"]
 
 
 @dataclass
 class Pool:
     """What workers need to read the pool: sources in order and how to turn rows into model inputs.
 
-    ``sources`` are dicts ``{"kind": "numpy", "ref": ObjectRef, "rows": n}`` (the ref resolves to an array or
-    a dict of column arrays) or ``{"kind": "parquet", "path": str, "filesystem": pyarrow FileSystem, "rows": n}``.
+    ``sources`` are dicts ``{"kind": "numpy", "ref": ObjectRef, "rows": n}`` (the ref resolves to an array, a
+    dict of column arrays, or the leaves of a structured pool) or ``{"kind": "parquet", "path": str,
+    "filesystem": pyarrow FileSystem, "rows": n}``. ``structure`` is set for a structured pool (model inputs
+    passed by name or in order, see :mod:`mcu.structured`): the input names of a dict pool, or ``None`` keys
+    with the number of inputs of a tuple pool; its source resolves to the tuple of leaves.
     """
 
     sources: list[dict[str, Any]]
     column: str | list[str] | None = None
     shape: tuple[int, ...] | None = None
     id_column: str | None = None
+    structure: tuple[tuple[str, ...] | None, int] | None = None
     starts: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -41,6 +46,43 @@ class Pool:
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+
+def structured_leaves(data: Any, argument: str) -> tuple[tuple[str, ...] | None, tuple[np.ndarray, ...]]:
+    """``(keys, leaves)`` of a dict pool (``keys``: the input names) or a tuple pool (``keys``: ``None``).
+
+    Every leaf becomes a numpy array without copying when it already is one (or a CPU tensor sharing its
+    memory) and must have the same first-axis length; names are strings.
+    """
+    if isinstance(data, Mapping):
+        if not data:
+            raise InputError(f"{argument}: got an empty dict; expected at least one named input.")
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:
+            raise InputError(f"{argument}: dict keys must be the model's argument names (strings), got {bad[0]!r}.")
+        keys: tuple[str, ...] | None = tuple(data)
+        named = [(f"{argument}[{k!r}]", data[k]) for k in data]
+    else:
+        if not data:
+            raise InputError(f"{argument}: got an empty tuple; expected at least one input.")
+        keys, named = None, [(f"{argument}[{i}]", v) for i, v in enumerate(data)]
+    leaves = []
+    for name, value in named:
+        if not hasattr(value, "__array__") or getattr(value, "shape", None) is None:
+            raise InputError(f"{name}: expected a numpy array (or a CPU tensor) with a batch axis first, got "
+                             f"{type(value).__qualname__}.")
+        array = np.asarray(value)
+        if array.ndim == 0:
+            raise InputError(f"{name}: expected an array with a batch axis first, got a 0-d array.")
+        if array.dtype.kind not in "biufc":
+            raise InputError(f"{name}: expected an array of numbers (bool, int, float or complex), got dtype "
+                             f"{array.dtype}.")
+        leaves.append(array)
+    sizes = {name: len(leaf) for (name, _), leaf in zip(named, leaves)}
+    if len(set(sizes.values())) != 1:
+        raise InputError(f"{argument}: every input must have the same batch axis (first dimension); got "
+                         f"{', '.join(f'{k}: {v}' for k, v in sizes.items())}.")
+    return keys, tuple(leaves)
 
 
 def check_shape(shape: Any) -> tuple[int, ...] | None:
@@ -225,8 +267,11 @@ class PoolReader:
         self._cache: OrderedDict[int, Any] = OrderedDict()
         self._cache_size = cache_size
 
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(x, ids)`` for ``indices`` (global, sorted ascending); ``ids`` is ``None`` without an id column."""
+    def read(self, indices: np.ndarray) -> tuple[Any, np.ndarray | None]:
+        """``(x, ids)`` for ``indices`` (global, sorted ascending); ``ids`` is ``None`` without an id column.
+
+        ``x`` is an array, or for a structured pool a dict (tuple) of arrays with the rows of every input.
+        """
         starts = self.pool.starts
         which = np.searchsorted(starts, indices, side="right") - 1
         parts, ids = [], []
@@ -235,11 +280,12 @@ class PoolReader:
             x, id_values = self._read_source(int(source), local)
             parts.append(x)
             ids.append(id_values)
-        x = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        if not x.flags.writeable:  # object-store views are read-only; frameworks expect writable inputs
-            x = x.copy()
         out_ids = None if self.pool.id_column is None else np.concatenate(ids)
-        return x, out_ids
+        if self.pool.structure is None:
+            return _joined(parts), out_ids
+        keys, count = self.pool.structure
+        leaves = tuple(_joined([part[i] for part in parts]) for i in range(count))
+        return (leaves if keys is None else dict(zip(keys, leaves))), out_ids
 
     def _opened(self, source: int) -> Any:
         if source in self._cache:
@@ -264,6 +310,8 @@ class PoolReader:
 
     def _read_source(self, source: int, local: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         pool, value = self.pool, self._opened(source)
+        if pool.structure is not None:
+            return tuple(np.asarray(leaf)[local] for leaf in value), None
         if pool.sources[source]["kind"] == "numpy":
             if isinstance(value, dict):
                 rows = {name: np.asarray(col)[local] for name, col in value.items()}
@@ -280,3 +328,10 @@ class PoolReader:
         table = table.take(positions)
         ids = None if pool.id_column is None else table.column(pool.id_column).to_numpy(zero_copy_only=False)
         return features_from_arrow(table, pool.column, pool.shape), ids
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    x = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if not x.flags.writeable:  # object-store views are read-only; frameworks expect writable inputs
+        x = x.copy()
+    return x
