@@ -141,7 +141,8 @@ def predict(
             variable says, else only when stderr is a terminal.
         engine: ``"local"`` (this process) or ``"ray"``: the same computation on Ray Data actors, equal for
             the same seed, batch size and strategy (:func:`mcu.distributed.predict`; ``num_workers`` and other
-            Ray options go through ``**sample_options``).
+            Ray options go through ``**sample_options``; the ``output`` sample option becomes its
+            ``model_output``).
         **sample_options: ``chunk_size``, ``precision``, ``backend``, ``mode``, ``max_memory``, ``workers``.
 
     Returns:
