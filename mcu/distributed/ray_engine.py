@@ -472,7 +472,9 @@ def predict(
             (which passes it here with ``engine="ray"``; named differently because ``output`` is the
             directory): a key or attribute name (``"logits"``), an integer index, or a picklable callable.
         column: the input column: one column of fixed-shape arrays (lists, fixed-size lists, Ray tensors) or a
-            list of scalar columns. Default: the only column that is not ``id_column``.
+            list of scalar columns; or, for a model taking named inputs, a mapping ``{input name: column}``
+            (e.g. ``{"input_ids": "ids", "attention_mask": "mask"}``; each column holds fixed-shape examples,
+            integers stay integers). Default: the only column that is not ``id_column``.
         shape: the per-example input shape, to reshape flattened features (e.g. ``(1, 28, 28)``).
         id_column: a column copied to the output as ``id``.
         factory: builds the architecture for a ``state_dict`` file.

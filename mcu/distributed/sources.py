@@ -30,17 +30,23 @@ class Pool:
     dict of column arrays, or the leaves of a structured pool) or ``{"kind": "parquet", "path": str,
     "filesystem": pyarrow FileSystem, "rows": n}``. ``structure`` is set for a structured pool (model inputs
     passed by name or in order, see :mod:`mcu.structured`): the input names of a dict pool, or ``None`` keys
-    with the number of inputs of a tuple pool; its source resolves to the tuple of leaves.
+    with the number of inputs of a tuple pool; its source resolves to the tuple of leaves. ``column`` may be
+    a mapping ``{input name: column}``: named inputs read from columns (of Parquet files or a Ray Dataset).
     """
 
     sources: list[dict[str, Any]]
-    column: str | list[str] | None = None
+    column: str | list[str] | dict[str, str] | None = None
     shape: tuple[int, ...] | None = None
     id_column: str | None = None
     structure: tuple[tuple[str, ...] | None, int] | None = None
     starts: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.column, dict):  # named inputs, each read from its column
+            if self.shape is not None:
+                raise InputError("shape: only for one input column; with column={name: column} every column holds "
+                                 "examples of their own shape.")
+            self.structure = (tuple(self.column), len(self.column))
         rows = np.array([s["rows"] for s in self.sources], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
 
@@ -181,8 +187,8 @@ def features_from_arrow(table: Any, column: str | list[str], shape: tuple[int, .
     return _reshape(x, shape, f"column {column!r}")
 
 
-def columns_of(column: str | list[str], id_column: str | None) -> list[str]:
-    names = list(column) if isinstance(column, list) else [column]
+def columns_of(column: str | list[str] | dict[str, str], id_column: str | None) -> list[str]:
+    names = list(column.values()) if isinstance(column, dict) else list(column) if isinstance(column, list) else [column]
     return names + ([id_column] if id_column is not None and id_column not in names else [])
 
 
@@ -246,12 +252,19 @@ def parquet_sources(
     return sources, column
 
 
-def _default_column(column: Any, names: Sequence[str], id_column: str | None, where: str) -> str | list[str]:
+def _default_column(column: Any, names: Sequence[str], id_column: str | None,
+                    where: str) -> str | list[str] | dict[str, str]:
+    if isinstance(column, Mapping):  # named model inputs, each from its own column
+        if not column or not all(isinstance(k, str) and isinstance(v, str) for k, v in column.items()):
+            raise InputError(f"column: expected a mapping from model input names to column names (strings), got "
+                             f"{column!r}.")
+        return dict(column)
     if column is not None:
         if not isinstance(column, str) and not (
             isinstance(column, (list, tuple)) and column and all(isinstance(c, str) for c in column)
         ):
-            raise InputError(f"column: expected a column name or a list of scalar column names, got {column!r}.")
+            raise InputError(f"column: expected a column name, a list of scalar column names or a mapping from "
+                             f"model input names to columns, got {column!r}.")
         return list(column) if not isinstance(column, str) else column
     candidates = [n for n in names if n != id_column]
     if len(candidates) != 1:
@@ -310,12 +323,15 @@ class PoolReader:
 
     def _read_source(self, source: int, local: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         pool, value = self.pool, self._opened(source)
-        if pool.structure is not None:
+        named = isinstance(pool.column, dict)  # one leaf per named input, each from its column
+        if pool.structure is not None and not named:  # the leaves of a dict or tuple pool
             return tuple(np.asarray(leaf)[local] for leaf in value), None
         if pool.sources[source]["kind"] == "numpy":
             if isinstance(value, dict):
                 rows = {name: np.asarray(col)[local] for name, col in value.items()}
                 ids = None if pool.id_column is None else rows[pool.id_column]
+                if named:
+                    return tuple(features_from_numpy(rows, c, None) for c in pool.column.values()), ids
                 return features_from_numpy(rows, pool.column, pool.shape), ids
             return features_from_numpy(np.asarray(value)[local], pool.column, pool.shape), None
         parquet, group_starts = value
@@ -327,6 +343,8 @@ class PoolReader:
         positions = offset_in_table[np.searchsorted(groups, group_of)] + (local - group_starts[group_of])
         table = table.take(positions)
         ids = None if pool.id_column is None else table.column(pool.id_column).to_numpy(zero_copy_only=False)
+        if named:
+            return tuple(features_from_arrow(table, c, None) for c in pool.column.values()), ids
         return features_from_arrow(table, pool.column, pool.shape), ids
 
 

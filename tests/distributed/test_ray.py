@@ -342,6 +342,19 @@ def test_structured_pools_and_outputs_equal_single_machine(md, tmp_path):
                      strategy="vectorized", num_workers=2, chunks_per_task=2)
     assert (run.n_items, run.n_tasks) == (230, 4)
     assert_same(run.read(), reference)
+    # the same named inputs from the list columns of two Parquet files, with ids
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = tmp_path / "tokens"
+    files.mkdir()
+    for part, rows in enumerate((slice(0, 100), slice(100, 230))):
+        pq.write_table(pa.table({"ids": list(pool_["input_ids"][rows]), "mask": list(pool_["attention_mask"][rows]),
+                                 "key": np.arange(rows.start, rows.stop)}),
+                       files / f"part-{part}.parquet", row_group_size=40)
+    from_files = md.predict(factory, files, 9, model_output=0, column={"input_ids": "ids", "attention_mask": "mask"},
+                            id_column="key", seed=13, batch_size=32, strategy="vectorized", num_workers=2)
+    assert_same(from_files, reference)
     # a tuple pool (in order), a subset, a picklable callable output: mcu.active.query's hook
     ordered = (pool_["input_ids"], pool_["attention_mask"])
     subset = np.arange(1, 230, 3)
@@ -354,6 +367,26 @@ def test_structured_pools_and_outputs_equal_single_machine(md, tmp_path):
     # a structured output without output=: the worker's error, listing what there is
     with pytest.raises(InputError, match=r"output=.*available: \[0, 1\].*raised on a Ray worker"):
         md.query(factory, pool_, 3, n_samples=2, num_workers=1)
+
+
+def test_named_inputs_from_ray_dataset_columns_are_read_in_pool_order(ray_cluster):
+    from mcu.distributed.ray_engine import _make_pool
+    from mcu.distributed.sources import PoolReader
+
+    tokens = token_pool(60, seed=15)
+    dataset = ray_cluster.data.from_items([{"ids": tokens["input_ids"][i], "mask": tokens["attention_mask"][i],
+                                            "key": i} for i in range(60)], override_num_blocks=6)
+    made = _make_pool(dataset, {"input_ids": "ids", "attention_mask": "mask"}, None, "key")
+    wanted = np.array([0, 7, 8, 33, 59])
+    x, ids = PoolReader(made).read(wanted)
+    assert list(x) == ["input_ids", "attention_mask"] and ids.tolist() == wanted.tolist()
+    for name in x:
+        assert x[name].dtype.kind == "i"
+        np.testing.assert_array_equal(x[name], tokens[name][wanted])
+    with pytest.raises(InputError, match="shape: only for one input column"):
+        _make_pool(dataset, {"input_ids": "ids"}, (6,), None)
+    with pytest.raises(InputError, match="column: 'nope' is not a column"):
+        _make_pool(dataset, {"input_ids": "nope"}, None, None)
 
 
 def test_structured_pool_and_output_errors_on_the_driver(md, tmp_path):
