@@ -1,12 +1,12 @@
 """The serving core, independent of the web framework: request checks, scoring a batch, triage, drift, metrics.
 
-A :class:`Service` turns request bodies into input arrays (:meth:`Service.parse`, which raises a
-:class:`RequestError` naming the field), scores a list of requests in one call (:meth:`Service.score`,
+A :class:`Service` turns request bodies into input arrays, or named inputs for models that take several
+(:meth:`Service.parse`, which raises a :class:`RequestError` naming the field), scores a list of requests in one call (:meth:`Service.score`,
 run in ONE worker thread by the HTTP layer) and turns the results into JSON rows. The HTTP layer
 (:mod:`mcu.serve.app`, :mod:`mcu.serve.ray_serve`) only reads bodies, batches requests and writes responses.
 
-**Independence from the batch.** Without a seed, the examples of all coalesced requests are stacked into
-one :func:`mcu.predict` call (the fast strategies see ``N > 1``); every example gets its own dropout masks,
+**Independence from the batch.** Without a seed, the examples of all coalesced requests with the same
+signature (input names, per-example shapes and dtypes) are stacked into one :func:`mcu.predict` call (the fast strategies see ``N > 1``); every example gets its own dropout masks,
 so its samples are independent of its batch mates in distribution. With a seed, the result of an example
 must not depend on what it was batched with, so each example is sampled on its own with the seed derived
 from the configured seed and its position in its request: a request equals
