@@ -83,12 +83,10 @@ def query(
         True
     """
     remote = engine_function(engine, "query")
-    if remote is not None and output is not None:
-        raise InputError("output: structured outputs are sampled by engine='local' only so far.")
     if remote is not None:
         return remote(model, pool, k, heuristic=heuristic, n_samples=n_samples, batch_size=batch_size, seed=seed,
                          progress=progress, backend=backend, from_logits=from_logits, subset=subset,
-                         n_candidates=n_candidates, strategy=strategy, **engine_options)
+                         n_candidates=n_candidates, strategy=strategy, output=output, **engine_options)
     if engine_options:
         raise InputError(f"engine_options: {sorted(engine_options)} only apply to engine='ray'.")
     get_heuristic(heuristic)

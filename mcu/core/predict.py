@@ -141,7 +141,8 @@ def predict(
             variable says, else only when stderr is a terminal.
         engine: ``"local"`` (this process) or ``"ray"``: the same computation on Ray Data actors, equal for
             the same seed, batch size and strategy (:func:`mcu.distributed.predict`; ``num_workers`` and other
-            Ray options go through ``**sample_options``).
+            Ray options go through ``**sample_options``; the ``output`` sample option becomes its
+            ``model_output``).
         **sample_options: ``chunk_size``, ``precision``, ``backend``, ``mode``, ``max_memory``, ``workers``.
 
     Returns:
@@ -152,10 +153,12 @@ def predict(
         ``(t, batch_size, C)`` outputs plus O(N·C) results.
     """
     remote = engine_function(engine, "predict")
-    if remote is not None:
+    if remote is not None:  # the engine's predict writes files to its own output=: ours is model_output there
+        options = {k: v for k, v in sample_options.items() if k != "output"}
         return remote(model, x, n_samples, task=task, from_logits=from_logits, seed=seed, strategy=strategy,
-                           batch_size=batch_size, tol=tol, max_samples=max_samples, score=score, noise_var=noise_var,
-                           heteroscedastic=heteroscedastic, progress=progress, **sample_options)
+                      batch_size=batch_size, tol=tol, max_samples=max_samples, score=score, noise_var=noise_var,
+                      heteroscedastic=heteroscedastic, progress=progress,
+                      model_output=sample_options.get("output"), **options)
     unknown = sorted(set(sample_options) - set(SAMPLE_OPTIONS))
     if unknown:
         raise InputError(f"{unknown[0]}: unknown keyword argument of mcu.predict; expected one of the documented "

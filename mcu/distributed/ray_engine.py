@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -54,10 +55,12 @@ from mcu.distributed.sources import (
     columns_of,
     features_from_numpy,
     parquet_sources,
+    structured_leaves,
 )
 from mcu import errors
 from mcu.errors import InputError, MCUError
 from mcu.strategies import STRATEGIES
+from mcu.structured import OUTPUT_HELP, take_rows
 
 __all__ = ["RunSummary", "chunk_seed", "predict", "query"]
 
@@ -167,7 +170,7 @@ class _Worker:
         x, ids = self.reader.read(indices) if self.model is not None else (None, None)
         for c in range(lo // b, -(-hi // b)):
             rows = slice(c * b - lo, min((c + 1) * b, hi) - lo)
-            yield c, indices[rows], None if x is None else x[rows], None if ids is None else ids[rows]
+            yield c, indices[rows], None if x is None else take_rows(x, rows), None if ids is None else ids[rows]
 
     def _task(self, lo: int, hi: int) -> Any:
         return self._predict(lo, hi) if self.job["mode"] == "predict" else self._query(lo, hi)
@@ -211,6 +214,27 @@ class _Worker:
 # ------------------------------------------------------------------------------------------------ driver
 
 
+def _check_selection(value: Any, argument: str) -> dict[str, Any]:
+    """``output=`` of the sampling calls as a sample option, checked on the driver: a name, an index, or a
+    callable that can be pickled to the workers."""
+    if value is None:
+        return {}
+    if callable(value):
+        import cloudpickle  # ships with Ray
+
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:  # noqa: BLE001 - any pickling failure means the workers cannot receive it
+            raise InputError(
+                f"{argument}: the callable {value!r} cannot be pickled for the Ray workers ({type(exc).__name__}: "
+                f"{exc}); expected a key or attribute name (e.g. 'logits'), an integer index, or a picklable "
+                "callable (a module-level function)."
+            ) from exc
+    elif isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InputError(f"{argument}: expected {OUTPUT_HELP}, got {value!r}.")
+    return {"output": value}
+
+
 def _ensure_ray() -> None:
     if not ray.is_initialized():
         # Connects to RAY_ADDRESS or a cluster started on this machine with `ray start`; else starts one.
@@ -224,7 +248,7 @@ def _count_rows(value: Any) -> int:
     return len(value)
 
 
-def _make_pool(data: Any, column: Any, shape: Any, id_column: str | None) -> Pool:
+def _make_pool(data: Any, column: Any, shape: Any, id_column: str | None, argument: str = "data") -> Pool:
     shape = check_shape(shape)
     if id_column is not None and not isinstance(id_column, str):
         raise InputError(f"id_column: expected a column name, got {id_column!r}.")
@@ -249,6 +273,15 @@ def _make_pool(data: Any, column: Any, shape: Any, id_column: str | None) -> Poo
     ):
         sources, column = parquet_sources(data, column, id_column)
         return Pool(sources, column, shape, id_column)
+    if isinstance(data, (Mapping, tuple)):  # inputs passed by name or in order, e.g. token ids + attention mask
+        if column is not None or id_column is not None or shape is not None:
+            raise InputError("column, id_column, shape: only for Parquet files, Ray Datasets and array pools, not "
+                             f"for a dict or tuple of arrays ({argument}).")
+        keys, leaves = structured_leaves(data, argument)
+        n = len(leaves[0])
+        # one object holds every input: a worker gets the rows of all inputs from one source, in pool order
+        sources = [{"kind": "numpy", "ref": ray.put(leaves), "rows": n}] if n else []
+        return Pool(sources, structure=(keys, len(leaves)))
     if hasattr(data, "__array__") and getattr(data, "shape", None) is not None:
         if column is not None or id_column is not None:
             raise InputError("column, id_column: only for Parquet files and Ray Datasets, not for an array pool.")
@@ -259,8 +292,9 @@ def _make_pool(data: Any, column: Any, shape: Any, id_column: str | None) -> Poo
             array = features_from_numpy(array, None, shape)
         return Pool([{"kind": "numpy", "ref": ray.put(array), "rows": len(array)}] if len(array) else [])
     raise InputError(
-        f"data: expected a numpy array, Parquet path(s) (a file, a directory or a list; local or a URI such as "
-        f"s3://...), or a ray.data.Dataset, got {type(data).__qualname__}."
+        f"{argument}: expected a numpy array, a dict (or tuple) of arrays sharing the batch axis, Parquet path(s) "
+        f"(a file, a directory or a list; local or a URI such as s3://...), or a ray.data.Dataset, got "
+        f"{type(data).__qualname__}."
     )
 
 
@@ -407,6 +441,7 @@ def predict(
     score: str | None = None,
     noise_var: Any = None,
     heteroscedastic: bool = False,
+    model_output: Any = None,
     **sample_options: Any,
 ) -> RunSummary | Any:
     """:func:`mcu.predict` over a pool on a Ray cluster; per-example metrics written to a Parquet directory.
@@ -419,9 +454,12 @@ def predict(
         model: a factory (``"package.module:function"`` or a picklable callable returning the model), a model
             file (TorchScript ``.pt``; a ``state_dict`` file with ``factory=``; a Keras ``.keras`` file) or a
             model object (pickled to the workers). Files are loaded safely (see :mod:`mcu.distributed.loading`).
-        data: a numpy array ``(N, ...)``; Parquet path(s) (a file, a directory, a list; local or a URI) with
-            ``column``; or a ``ray.data.Dataset`` (executed once into the object store; its row order is the
-            pool order — set ``DataContext.execution_options.preserve_order = True`` when reading files).
+        data: a numpy array ``(N, ...)``; a dict (or tuple) of arrays sharing the batch axis, the model's inputs
+            by name (or in order), e.g. ``{"input_ids": ..., "attention_mask": ...}`` (put once in the object
+            store; a worker reads the same rows of every input); Parquet path(s) (a file, a directory, a list;
+            local or a URI) with ``column``; or a ``ray.data.Dataset`` (executed once into the object store; its
+            row order is the pool order — set ``DataContext.execution_options.preserve_order = True`` when
+            reading files).
         n_samples, task, from_logits, seed, strategy, batch_size, tol, max_samples, score, noise_var,
             heteroscedastic, **sample_options: as in :func:`mcu.predict` (``batch_size`` defaults to
             ``min(N, 4096)``); batch ``c`` is examples ``[c·b, (c+1)·b)`` with the seed of batch ``c``. The
@@ -430,8 +468,13 @@ def predict(
         output: a directory for the Parquet files (a URI such as ``s3://bucket/scores`` or a shared file system
             on a multi-node cluster); must be new or empty unless ``overwrite``. ``None``: gather the results
             on the driver instead and return them as a :class:`mcu.Prediction`, as :func:`mcu.predict` does.
+        model_output: what to sample when the model returns a structure: ``output=`` of :func:`mcu.predict`
+            (which passes it here with ``engine="ray"``; named differently because ``output`` is the
+            directory): a key or attribute name (``"logits"``), an integer index, or a picklable callable.
         column: the input column: one column of fixed-shape arrays (lists, fixed-size lists, Ray tensors) or a
-            list of scalar columns. Default: the only column that is not ``id_column``.
+            list of scalar columns; or, for a model taking named inputs, a mapping ``{input name: column}``
+            (e.g. ``{"input_ids": "ids", "attention_mask": "mask"}``; each column holds fixed-shape examples,
+            integers stay integers). Default: the only column that is not ``id_column``.
         shape: the per-example input shape, to reshape flattened features (e.g. ``(1, 28, 28)``).
         id_column: a column copied to the output as ``id``.
         factory: builds the architecture for a ``state_dict`` file.
@@ -467,6 +510,7 @@ def predict(
     check_int(seed, "seed", minimum=0, allow_none=True)
     check_choice(strategy, "strategy", ["auto", *STRATEGIES])
     _check_cluster_args(num_workers, cpus_per_worker, gpus_per_worker, chunks_per_task, sample_options)
+    selection = _check_selection(model_output, "model_output (output= of mcu.predict)")
     source = ModelSource.resolve(model, factory)
     target, clear_output = _check_output(output, overwrite) if output is not None else (None, lambda: None)
     if preflight:
@@ -480,7 +524,7 @@ def predict(
     batch = batch_size or min(n, DEFAULT_BATCH)
     num_workers = _num_workers(num_workers, cpus_per_worker, gpus_per_worker)
     threads = threads_for(cpus_per_worker)
-    options = dict(sample_options)
+    options = dict(sample_options, **selection)
     options.setdefault("workers", threads)  # threads of the 'parallel' strategy: the actor's share only
     job = {
         "mode": "predict", "model": source, "pool": pool, "batch_size": batch, "threads": threads,
@@ -528,6 +572,7 @@ def query(
     preflight: bool = True,
     progress: bool = False,
     ray_remote_args: dict[str, Any] | None = None,
+    output: Any = None,
     **sample_options: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`mcu.active.query` on a Ray cluster: the global top ``k`` without collecting the pool.
@@ -543,9 +588,12 @@ def query(
         model, column, shape, factory, num_workers, cpus_per_worker, gpus_per_worker, chunks_per_task, preflight,
             progress, ray_remote_args, **sample_options: as in :func:`predict` (``model`` may be ``None`` for
             ``heuristic="random"``).
-        pool: a numpy array, Parquet path(s) or a ``ray.data.Dataset`` (see :func:`predict`'s ``data``).
+        pool: a numpy array, a dict (or tuple) of arrays sharing the batch axis, Parquet path(s) or a
+            ``ray.data.Dataset`` (see :func:`predict`'s ``data``).
         k, heuristic, n_samples, batch_size, seed, from_logits, subset, n_candidates: as in
             :func:`mcu.active.query`.
+        output: what to score when the model returns a structure, as in :func:`mcu.active.query`: a key or
+            attribute name (``"logits"``), an integer index, or a picklable callable.
         strategy: the sampling strategy (``mcu.active.query`` uses ``"auto"``).
 
     Returns:
@@ -559,12 +607,13 @@ def query(
     check_int(n_candidates, "n_candidates", minimum=1, allow_none=True)
     check_choice(strategy, "strategy", ["auto", *STRATEGIES])
     _check_cluster_args(num_workers, cpus_per_worker, gpus_per_worker, chunks_per_task, sample_options)
+    selection = _check_selection(output, "output")
     subset_array = sorted_subset(subset)
     source = None if heuristic == "random" else ModelSource.resolve(model, factory)
     if preflight and source is not None:
         _preflight(source, sample_options.get("backend"))
     _ensure_ray()
-    data = _make_pool(pool, column, shape, None)
+    data = _make_pool(pool, column, shape, None, "pool")
     n = len(data)
     if subset_array is not None and len(subset_array) and (subset_array[0] < 0 or subset_array[-1] >= n):
         raise InputError(
@@ -576,7 +625,7 @@ def query(
     keep = min(available, k if pointwise else max(k, n_candidates or max(4 * k, 256)))
     num_workers = _num_workers(num_workers, cpus_per_worker, gpus_per_worker)
     threads = threads_for(cpus_per_worker)
-    options = dict(sample_options)
+    options = dict(sample_options, **selection)
     options.setdefault("workers", threads)
     job = {
         "mode": "query", "model": source, "pool": data, "batch_size": batch_size, "threads": threads,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -18,29 +19,76 @@ import numpy as np
 
 from mcu.errors import InputError
 
-__all__ = ["Pool", "PoolReader", "features_from_arrow", "features_from_numpy", "list_parquet"]
+__all__ = ["Pool", "PoolReader", "features_from_arrow", "features_from_numpy", "list_parquet", "structured_leaves"]
 
 
 @dataclass
 class Pool:
     """What workers need to read the pool: sources in order and how to turn rows into model inputs.
 
-    ``sources`` are dicts ``{"kind": "numpy", "ref": ObjectRef, "rows": n}`` (the ref resolves to an array or
-    a dict of column arrays) or ``{"kind": "parquet", "path": str, "filesystem": pyarrow FileSystem, "rows": n}``.
+    ``sources`` are dicts ``{"kind": "numpy", "ref": ObjectRef, "rows": n}`` (the ref resolves to an array, a
+    dict of column arrays, or the leaves of a structured pool) or ``{"kind": "parquet", "path": str,
+    "filesystem": pyarrow FileSystem, "rows": n}``. ``structure`` is set for a structured pool (model inputs
+    passed by name or in order, see :mod:`mcu.structured`): the input names of a dict pool, or ``None`` keys
+    with the number of inputs of a tuple pool; its source resolves to the tuple of leaves. ``column`` may be
+    a mapping ``{input name: column}``: named inputs read from columns (of Parquet files or a Ray Dataset).
     """
 
     sources: list[dict[str, Any]]
-    column: str | list[str] | None = None
+    column: str | list[str] | dict[str, str] | None = None
     shape: tuple[int, ...] | None = None
     id_column: str | None = None
+    structure: tuple[tuple[str, ...] | None, int] | None = None
     starts: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.column, dict):  # named inputs, each read from its column
+            if self.shape is not None:
+                raise InputError("shape: only for one input column; with column={name: column} every column holds "
+                                 "examples of their own shape.")
+            self.structure = (tuple(self.column), len(self.column))
         rows = np.array([s["rows"] for s in self.sources], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+
+def structured_leaves(data: Any, argument: str) -> tuple[tuple[str, ...] | None, tuple[np.ndarray, ...]]:
+    """``(keys, leaves)`` of a dict pool (``keys``: the input names) or a tuple pool (``keys``: ``None``).
+
+    Every leaf becomes a numpy array without copying when it already is one (or a CPU tensor sharing its
+    memory) and must have the same first-axis length; names are strings.
+    """
+    if isinstance(data, Mapping):
+        if not data:
+            raise InputError(f"{argument}: got an empty dict; expected at least one named input.")
+        bad = [k for k in data if not isinstance(k, str)]
+        if bad:
+            raise InputError(f"{argument}: dict keys must be the model's argument names (strings), got {bad[0]!r}.")
+        keys: tuple[str, ...] | None = tuple(data)
+        named = [(f"{argument}[{k!r}]", data[k]) for k in data]
+    else:
+        if not data:
+            raise InputError(f"{argument}: got an empty tuple; expected at least one input.")
+        keys, named = None, [(f"{argument}[{i}]", v) for i, v in enumerate(data)]
+    leaves = []
+    for name, value in named:
+        if not hasattr(value, "__array__") or getattr(value, "shape", None) is None:
+            raise InputError(f"{name}: expected a numpy array (or a CPU tensor) with a batch axis first, got "
+                             f"{type(value).__qualname__}.")
+        array = np.asarray(value)
+        if array.ndim == 0:
+            raise InputError(f"{name}: expected an array with a batch axis first, got a 0-d array.")
+        if array.dtype.kind not in "biufc":
+            raise InputError(f"{name}: expected an array of numbers (bool, int, float or complex), got dtype "
+                             f"{array.dtype}.")
+        leaves.append(array)
+    sizes = {name: len(leaf) for (name, _), leaf in zip(named, leaves)}
+    if len(set(sizes.values())) != 1:
+        raise InputError(f"{argument}: every input must have the same batch axis (first dimension); got "
+                         f"{', '.join(f'{k}: {v}' for k, v in sizes.items())}.")
+    return keys, tuple(leaves)
 
 
 def check_shape(shape: Any) -> tuple[int, ...] | None:
@@ -139,8 +187,8 @@ def features_from_arrow(table: Any, column: str | list[str], shape: tuple[int, .
     return _reshape(x, shape, f"column {column!r}")
 
 
-def columns_of(column: str | list[str], id_column: str | None) -> list[str]:
-    names = list(column) if isinstance(column, list) else [column]
+def columns_of(column: str | list[str] | dict[str, str], id_column: str | None) -> list[str]:
+    names = list(column.values()) if isinstance(column, dict) else list(column) if isinstance(column, list) else [column]
     return names + ([id_column] if id_column is not None and id_column not in names else [])
 
 
@@ -204,12 +252,19 @@ def parquet_sources(
     return sources, column
 
 
-def _default_column(column: Any, names: Sequence[str], id_column: str | None, where: str) -> str | list[str]:
+def _default_column(column: Any, names: Sequence[str], id_column: str | None,
+                    where: str) -> str | list[str] | dict[str, str]:
+    if isinstance(column, Mapping):  # named model inputs, each from its own column
+        if not column or not all(isinstance(k, str) and isinstance(v, str) for k, v in column.items()):
+            raise InputError(f"column: expected a mapping from model input names to column names (strings), got "
+                             f"{column!r}.")
+        return dict(column)
     if column is not None:
         if not isinstance(column, str) and not (
             isinstance(column, (list, tuple)) and column and all(isinstance(c, str) for c in column)
         ):
-            raise InputError(f"column: expected a column name or a list of scalar column names, got {column!r}.")
+            raise InputError(f"column: expected a column name, a list of scalar column names or a mapping from "
+                             f"model input names to columns, got {column!r}.")
         return list(column) if not isinstance(column, str) else column
     candidates = [n for n in names if n != id_column]
     if len(candidates) != 1:
@@ -225,8 +280,11 @@ class PoolReader:
         self._cache: OrderedDict[int, Any] = OrderedDict()
         self._cache_size = cache_size
 
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(x, ids)`` for ``indices`` (global, sorted ascending); ``ids`` is ``None`` without an id column."""
+    def read(self, indices: np.ndarray) -> tuple[Any, np.ndarray | None]:
+        """``(x, ids)`` for ``indices`` (global, sorted ascending); ``ids`` is ``None`` without an id column.
+
+        ``x`` is an array, or for a structured pool a dict (tuple) of arrays with the rows of every input.
+        """
         starts = self.pool.starts
         which = np.searchsorted(starts, indices, side="right") - 1
         parts, ids = [], []
@@ -235,11 +293,12 @@ class PoolReader:
             x, id_values = self._read_source(int(source), local)
             parts.append(x)
             ids.append(id_values)
-        x = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        if not x.flags.writeable:  # object-store views are read-only; frameworks expect writable inputs
-            x = x.copy()
         out_ids = None if self.pool.id_column is None else np.concatenate(ids)
-        return x, out_ids
+        if self.pool.structure is None:
+            return _joined(parts), out_ids
+        keys, count = self.pool.structure
+        leaves = tuple(_joined([part[i] for part in parts]) for i in range(count))
+        return (leaves if keys is None else dict(zip(keys, leaves))), out_ids
 
     def _opened(self, source: int) -> Any:
         if source in self._cache:
@@ -264,10 +323,15 @@ class PoolReader:
 
     def _read_source(self, source: int, local: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         pool, value = self.pool, self._opened(source)
+        named = isinstance(pool.column, dict)  # one leaf per named input, each from its column
+        if pool.structure is not None and not named:  # the leaves of a dict or tuple pool
+            return tuple(np.asarray(leaf)[local] for leaf in value), None
         if pool.sources[source]["kind"] == "numpy":
             if isinstance(value, dict):
                 rows = {name: np.asarray(col)[local] for name, col in value.items()}
                 ids = None if pool.id_column is None else rows[pool.id_column]
+                if named:
+                    return tuple(features_from_numpy(rows, c, None) for c in pool.column.values()), ids
                 return features_from_numpy(rows, pool.column, pool.shape), ids
             return features_from_numpy(np.asarray(value)[local], pool.column, pool.shape), None
         parquet, group_starts = value
@@ -279,4 +343,13 @@ class PoolReader:
         positions = offset_in_table[np.searchsorted(groups, group_of)] + (local - group_starts[group_of])
         table = table.take(positions)
         ids = None if pool.id_column is None else table.column(pool.id_column).to_numpy(zero_copy_only=False)
+        if named:
+            return tuple(features_from_arrow(table, c, None) for c in pool.column.values()), ids
         return features_from_arrow(table, pool.column, pool.shape), ids
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    x = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if not x.flags.writeable:  # object-store views are read-only; frameworks expect writable inputs
+        x = x.copy()
+    return x

@@ -58,7 +58,7 @@ def create_app(
         token: if set, every endpoint but ``/healthz`` requires ``Authorization: Bearer <token>`` (else 401).
         warm_up: probe the sampling strategy for the batch sizes at startup (when the input shape is known).
         **service_options: the other :class:`~mcu.serve.service.Service` arguments (``task``, ``seed``,
-            ``triage``, ``reference``, ``input_shape``, ``max_examples``, ...).
+            ``triage``, ``reference``, ``output``, ``input_shape``, ``input_dtype``, ``max_examples``, ...).
 
     Example::
 

@@ -1,6 +1,7 @@
 """Micro-batching: coalesce concurrent requests into one blocking call run in one worker thread.
 
-The event loop never samples. A request's examples wait in a queue; the batching task takes the oldest
+The event loop never samples. A request's examples (an array, or named inputs sharing the batch axis; sizes
+count examples) wait in a queue; the batching task takes the oldest
 request, adds queued requests while the total stays within ``max_batch`` examples and until ``max_wait``
 seconds have passed since the oldest arrived, then hands the group to ``run`` in the worker thread. While
 that call runs, new requests queue up and form the next group, so under load the batches fill without
@@ -16,12 +17,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mcu.structured import rows
+
 __all__ = ["MicroBatcher"]
 
 
 @dataclass
 class _Item:
-    x: np.ndarray
+    x: Any  # (n, ...) examples, or named inputs {name: (n, ...)}
     arrived: float
     future: asyncio.Future = field(repr=False)
 
@@ -59,8 +62,8 @@ class MicroBatcher:
         if self._own_executor:
             self.executor.shutdown(wait=True)
 
-    async def submit(self, x: np.ndarray) -> Any:
-        """Queue ``x`` (``(n, ...)``) and wait for its result."""
+    async def submit(self, x: Any) -> Any:
+        """Queue ``x`` (``(n, ...)``, or a dict of such arrays sharing ``n``) and wait for its result."""
         if self._queue is None or self._task is None or self._task.done():
             raise RuntimeError("the micro-batcher is not running")
         loop = asyncio.get_running_loop()
@@ -77,7 +80,7 @@ class MicroBatcher:
             self._carry = None
             if first is None:
                 break
-            group, size = [first], len(first.x)
+            group, size = [first], rows(first.x)
             deadline = first.arrived + self.max_wait
             while size < self.max_batch:
                 try:
@@ -93,11 +96,11 @@ class MicroBatcher:
                 if item is None:
                     stopping = True
                     break
-                if size + len(item.x) > self.max_batch:
+                if size + rows(item.x) > self.max_batch:
                     self._carry = item
                     break
                 group.append(item)
-                size += len(item.x)
+                size += rows(item.x)
             await self._dispatch(loop, group)
         while not self._queue.empty():  # nothing arrives after stop(); answer anything left defensively
             item = self._queue.get_nowait()

@@ -5,6 +5,7 @@ Examples:
     mcu serve model.keras --n-samples 30 --port 9000 --token-env MCU_TOKEN
     mcu serve weights.pt --factory mypkg.models:build --seed 0
     mcu serve mypkg.models:build --ray --replicas 4 --ray-address auto
+    mcu serve mypkg.models:build_bert --output logits --input-dtype input_ids=int64,attention_mask=int64
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ __all__ = ["app_from_environment", "build_app", "main", "parser"]
 ARGV_ENV = "MCU_SERVE_ARGV"
 
 
-def _shape(text: str) -> list[int]:
+def _shape(text: str) -> list[int] | dict[str, list[int]]:
+    if "=" in text:  # one shape per named input: input_ids=64,attention_mask=64 (dimensions joined by x)
+        pairs = [part.partition("=") for part in text.split(",")]
+        if any(not name.strip() or not dims.strip() for name, _, dims in pairs):
+            raise argparse.ArgumentTypeError(f"expected name=shape pairs like input_ids=64,pixels=3x32x32, got {text!r}")
+        return {name.strip(): _shape(dims) for name, _, dims in pairs}
     try:
         values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
@@ -30,6 +36,29 @@ def _shape(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers like 784 or 3,32,32, got {text!r}")
     return values
+
+
+def _output(text: str) -> str | int:
+    """``--output``: an integer index, else a key or attribute name."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _dtypes(text: str) -> str | dict[str, str]:
+    """``--input-dtype``: one dtype (``int64``) or one per named input (``input_ids=int64,attention_mask=int64``)."""
+    from mcu.serve.service import INPUT_DTYPES
+
+    if "=" not in text:
+        if text not in INPUT_DTYPES:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(INPUT_DTYPES)} or name=dtype,..., got {text!r}")
+        return text
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        name, _, dtype = part.partition("=")
+        if not name.strip() or dtype.strip() not in INPUT_DTYPES:
+            raise argparse.ArgumentTypeError(f"expected name=dtype pairs with dtypes among {', '.join(INPUT_DTYPES)}, "
+                                             f"got {part!r}")
+        out[name.strip()] = dtype.strip()
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,14 +72,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--n-samples", type=int, default=50, metavar="T", help="stochastic passes per example (default 50)")
     p.add_argument("--task", choices=["classification", "regression"], default="classification")
-    p.add_argument("--output", choices=["logits", "probabilities"], default="logits",
-                   help="what the classifier outputs (default logits: softmax is applied)")
+    p.add_argument("--output", type=_output, metavar="KEY", help="what to sample when the model returns a "
+                   "structure (a Hugging Face ModelOutput, a tuple, a dict): a key or attribute name (logits) or an "
+                   "integer index")
+    p.add_argument("--probabilities", action="store_true", help="the classifier outputs probabilities (default: "
+                   "logits, softmax is applied)")
     p.add_argument("--seed", type=int, help="reproducible answers: each example sampled alone with a seed from "
                    "this and its position in its request (slower under load than batched sampling)")
     p.add_argument("--strategy", default="auto", help="sampling strategy (default auto)")
     p.add_argument("--input-shape", type=_shape, metavar="D,...", help="shape of one example, e.g. 784 or 1,28,28 "
-                   "(inferred for Keras models); checked on every request")
-    p.add_argument("--input-dtype", choices=["float32", "float64", "int32", "int64"], default="float32")
+                   "(inferred for Keras models), or one per named input: input_ids=64,attention_mask=64 (dimensions "
+                   "joined by x: pixels=3x32x32); checked on every request")
+    p.add_argument("--input-dtype", type=_dtypes, metavar="DTYPE", help="float32, float64, int32 or int64, or one "
+                   "per named input: input_ids=int64,attention_mask=int64 (declares the names). Default: float32 for "
+                   "an input array; for named inputs int64 when a request's values are all integers, else float32")
     p.add_argument("--max-batch", type=int, default=64, metavar="N", help="most examples per sampling call (64)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
                    help="how long a request may wait for others to share its sampling call (default 5)")
@@ -79,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _service_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {
-        "n_samples": args.n_samples, "task": args.task, "from_logits": args.output == "logits", "seed": args.seed,
+        "n_samples": args.n_samples, "task": args.task, "from_logits": not args.probabilities, "seed": args.seed,
+        "output": args.output,
         "strategy": args.strategy, "triage": args.triage, "reference": args.reference, "score": args.score,
         "drift_window": args.drift_window, "drift_alpha": args.drift_alpha, "input_shape": args.input_shape,
         "input_dtype": args.input_dtype, "max_examples": args.max_examples, "name": args.name or _name(args.model),

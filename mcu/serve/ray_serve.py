@@ -25,6 +25,7 @@ from mcu.distributed.loading import ModelSource, load_model
 from mcu.errors import InputError
 from mcu.serve.app import handle
 from mcu.serve.service import Service
+from mcu.structured import rows
 
 __all__ = ["MCUDeployment", "ray_deployment"]
 
@@ -33,7 +34,7 @@ PATHS = ("/v1/predict", "/healthz", "/v1/model")
 
 
 def _rows(items: list[np.ndarray]) -> int:
-    return sum(len(x) for x in items)
+    return sum(rows(x) for x in items)
 
 
 @serve.deployment(name="mcu")
@@ -54,7 +55,7 @@ class MCUDeployment:
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.service.score, xs)
 
     async def submit(self, x: np.ndarray) -> Any:
-        if len(x) > self.service.max_batch:  # @serve.batch refuses an item larger than a batch: run it alone
+        if rows(x) > self.service.max_batch:  # @serve.batch refuses an item larger than a batch: run it alone
             results = await asyncio.get_running_loop().run_in_executor(self.executor, self.service.score, [x])
             return results[0]
         return await self.score_batch(x)

@@ -64,6 +64,36 @@ def fragile_model(marker: str):
     return Fragile()
 
 
+def token_model():
+    """Token ids + attention mask (by name or in order) -> a tuple (3 class logits, 2 auxiliary outputs)."""
+    import torch
+
+    nn = torch.nn
+
+    class TokenClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.drop = nn.Embedding(20, 8), nn.Dropout(0.5)
+            self.cls, self.aux = nn.Linear(8, 3), nn.Linear(8, 2)
+
+        def forward(self, input_ids, attention_mask):
+            mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
+            pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
+            h = self.drop(torch.relu(pooled))
+            return self.cls(h), self.aux(h)
+
+    torch.manual_seed(0)
+    return TokenClassifier().eval()
+
+
+def token_pool(n: int, length: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
+    """Integer token ids and a padding mask (1 to ``length`` real tokens per row)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 20, size=(n, length))
+    mask = (np.arange(length) < rng.integers(1, length + 1, size=(n, 1))).astype(np.int64)
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
 def no_dropout_model():
     import torch
 
@@ -300,6 +330,83 @@ def test_query_top_k_agrees_with_mcu_active_query(md):
         assert got[0].dtype == np.int64 and got[1].dtype == np.float64
 
 
+def test_structured_pools_and_outputs_equal_single_machine(md, tmp_path):
+    pool_ = token_pool(230, seed=12)
+    factory = "tests.distributed.test_ray:token_model"
+    # a dict pool (by name), the first element of the tuple output: mcu.predict's hook and the Parquet files
+    reference = mcu.predict(token_model(), pool_, 9, output=0, seed=13, batch_size=32, strategy="vectorized")
+    hooked = mcu.predict(factory, pool_, 9, output=0, seed=13, batch_size=32, strategy="vectorized", engine="ray",
+                         num_workers=2)
+    assert_same(hooked, reference)
+    run = md.predict(factory, pool_, 9, model_output=0, output=tmp_path / "out", seed=13, batch_size=32,
+                     strategy="vectorized", num_workers=2, chunks_per_task=2)
+    assert (run.n_items, run.n_tasks) == (230, 4)
+    assert_same(run.read(), reference)
+    # the same named inputs from the list columns of two Parquet files, with ids
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = tmp_path / "tokens"
+    files.mkdir()
+    for part, rows in enumerate((slice(0, 100), slice(100, 230))):
+        pq.write_table(pa.table({"ids": list(pool_["input_ids"][rows]), "mask": list(pool_["attention_mask"][rows]),
+                                 "key": np.arange(rows.start, rows.stop)}),
+                       files / f"part-{part}.parquet", row_group_size=40)
+    from_files = md.predict(factory, files, 9, model_output=0, column={"input_ids": "ids", "attention_mask": "mask"},
+                            id_column="key", seed=13, batch_size=32, strategy="vectorized", num_workers=2)
+    assert_same(from_files, reference)
+    # a tuple pool (in order), a subset, a picklable callable output: mcu.active.query's hook
+    ordered = (pool_["input_ids"], pool_["attention_mask"])
+    subset = np.arange(1, 230, 3)
+    expected = mcu.active.query(token_model(), ordered, 7, n_samples=8, batch_size=20, seed=14, subset=subset,
+                                output=lambda out: out[0], strategy="loop", progress=False)
+    got = mcu.active.query(factory, ordered, 7, n_samples=8, batch_size=20, seed=14, subset=subset,
+                           output=lambda out: out[0], strategy="loop", engine="ray", num_workers=2)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6, atol=1e-9)
+
+
+def test_named_inputs_from_ray_dataset_columns_are_read_in_pool_order(ray_cluster):
+    from mcu.distributed.ray_engine import _make_pool
+    from mcu.distributed.sources import PoolReader
+
+    tokens = token_pool(60, seed=15)
+    dataset = ray_cluster.data.from_items([{"ids": tokens["input_ids"][i], "mask": tokens["attention_mask"][i],
+                                            "key": i} for i in range(60)], override_num_blocks=6)
+    made = _make_pool(dataset, {"input_ids": "ids", "attention_mask": "mask"}, None, "key")
+    wanted = np.array([0, 7, 8, 33, 59])
+    x, ids = PoolReader(made).read(wanted)
+    assert list(x) == ["input_ids", "attention_mask"] and ids.tolist() == wanted.tolist()
+    for name in x:
+        assert x[name].dtype.kind == "i"
+        np.testing.assert_array_equal(x[name], tokens[name][wanted])
+    with pytest.raises(InputError, match="shape: only for one input column"):
+        _make_pool(dataset, {"input_ids": "ids"}, (6,), None)
+    with pytest.raises(InputError, match="column: 'nope' is not a column"):
+        _make_pool(dataset, {"input_ids": "nope"}, None, None)
+
+
+def test_structured_pool_and_output_errors_on_the_driver(md, tmp_path):
+    pool_ = token_pool(10)
+    lock = threading.Lock()
+    with pytest.raises(InputError, match=r"^output: the callable .* cannot be pickled for the Ray workers"):
+        mcu.active.query(token_model, pool_, 3, output=lambda out: (lock, out[0])[1], engine="ray")
+    with pytest.raises(InputError, match=r"output= of mcu.predict.*cannot be pickled"):
+        mcu.predict(token_model, pool_, 3, output=lambda out: (lock, out[0])[1], engine="ray")
+    with pytest.raises(InputError, match=r"output: expected a key or attribute name.*got 1.5"):
+        md.query(token_model, pool_, 3, output=1.5)
+    ragged = dict(pool_, attention_mask=pool_["attention_mask"][:7])
+    with pytest.raises(InputError, match=r"pool: every input must have the same batch axis.*'input_ids'\]: 10, "
+                                         r"pool\['attention_mask'\]: 7"):
+        md.query(token_model, ragged, 3)
+    with pytest.raises(InputError, match=r"data\['input_ids'\]: expected a numpy array"):
+        md.predict(token_model, {"input_ids": [[1, 2]]}, 3)
+    with pytest.raises(InputError, match="data: got an empty dict"):
+        md.predict(token_model, {}, 3)
+    with pytest.raises(InputError, match="column, id_column, shape: only for"):
+        md.predict(token_model, pool_, 3, shape=(6,))
+
+
 def test_keras_file_equals_single_machine(md, tmp_path):
     require_backend("tensorflow")
     import keras
@@ -315,6 +422,16 @@ def test_keras_file_equals_single_machine(md, tmp_path):
                      cpus_per_worker=2)
     assert run.threads_per_worker == 2
     assert_same(run.read(), reference, tol=1e-5)
+    # named inputs and a list of outputs (classes, then one regression value), sampled at index 0
+    a, b = keras.Input((4,), name="a"), keras.Input((2,), name="b")
+    h = L.Dropout(0.5)(L.Dense(8, activation="relu")(L.Concatenate()([a, b])))
+    keras.Model({"a": a, "b": b}, [L.Dense(3)(h), L.Dense(1)(h)]).save(tmp_path / "two.keras")
+    named = {"a": x, "b": pool(200, seed=10)[:, :2]}
+    reference = mcu.predict(keras.saving.load_model(tmp_path / "two.keras"), named, 8, output=0, seed=8,
+                            batch_size=50, strategy="loop")
+    hooked = mcu.predict(str(tmp_path / "two.keras"), named, 8, output=0, seed=8, batch_size=50, strategy="loop",
+                         engine="ray", num_workers=1, cpus_per_worker=2)
+    assert_same(hooked, reference, tol=1e-5)
 
 
 def test_regression_and_overwriting_a_previous_result(md, tmp_path):
@@ -331,8 +448,12 @@ def test_regression_and_overwriting_a_previous_result(md, tmp_path):
 
 
 def test_an_error_on_a_worker_is_raised_as_the_mcu_error(md, tmp_path):
+    # (last runs of the module: the actor of a failed run may hold its CPU a while after the error)
     with pytest.raises(NoDropoutError, match="no dropout module.*raised on a Ray worker"):
         md.predict(no_dropout_model, pool(20), 4, output=tmp_path / "out", preflight=False, num_workers=1)
+    # a structured output without output=: the worker's error lists what there is
+    with pytest.raises(InputError, match=r"output=.*available: \[0, 1\].*raised on a Ray worker"):
+        md.query("tests.distributed.test_ray:token_model", token_pool(10), 3, n_samples=2, num_workers=1)
 
 
 def test_errors_are_raised_on_the_driver_before_any_work(md, ray_cluster, tmp_path):
@@ -345,8 +466,8 @@ def test_errors_are_raised_on_the_driver_before_any_work(md, ray_cluster, tmp_pa
         md.predict(str(pickled), x, 4, output=tmp_path / "a")
     with pytest.raises(NoDropoutError):
         md.predict(no_dropout_model, x, 4, output=tmp_path / "b")
-    with pytest.raises(InputError, match="data: expected a numpy array, Parquet path"):
-        md.predict(torch_model, {"x": x}, 4, output=tmp_path / "c")
+    with pytest.raises(InputError, match="data: expected a numpy array, a dict"):
+        md.predict(torch_model, 42, 4, output=tmp_path / "c")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.parquet").write_bytes(b"")
     with pytest.raises(InputError, match="output: directory .* is not empty; pass overwrite=True"):
