@@ -51,6 +51,15 @@ def require_module(name: str) -> Any:
         pytest.skip(f"{name} is not installed ({exc})", allow_module_level=True)
 
 
+def tensorflow_graph_only(keras: Any, what: str) -> pytest.MarkDecorator:
+    """Mark a Keras test that needs the TensorFlow-graph fast path (traced functions, the prefix split, per-sample
+    masks, the mixed-precision copy, TensorFlow tensors or tapes): skipped when Keras runs on JAX or PyTorch, with
+    a reason naming the dependence. Such skips are not passes: ``pytest -rs`` lists them (``.ci/run`` does)."""
+    name = keras.backend.backend()
+    return pytest.mark.skipif(name != "tensorflow",
+                              reason=f"TensorFlow-graph fast path: {what} (this Keras runs on {name!r})")
+
+
 def require_backend(name: str) -> None:
     """Skip (locally) or fail (when required) if ``name``'s framework is not importable."""
     if importlib.util.find_spec(_MODULE[name]) is None:

@@ -1,0 +1,68 @@
+"""Keras on JAX (``KERAS_BACKEND=jax``): MC passes compiled with ``jax.jit``.
+
+An eager Keras pass on JAX dispatches every operation on its own (a recurrent layer re-traces its scan on every
+call), so the passes of :mod:`._keras_portable` are compiled instead: one ``jax.jit`` function per model, mode,
+per-example input shape and dtype, and dropout configuration (cached beside the model; JAX compiles it once per
+batch size). The model's variables are arguments of the function, read on every call (never baked in, so
+weights changed later are used), and the seed generators' states are arguments derived from the pass key
+(:func:`._keras_mc._numpy_seed_values`), so every pass draws new masks without retracing. The switches of
+:func:`._keras_mc.active` are Python decisions baked into the trace, as for the TensorFlow path's traced
+functions; no variable is written (the pass runs in a ``keras.StatelessScope``).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable
+
+import jax
+import keras
+import numpy as np
+
+from mcu.backends import _keras_mc
+
+__all__ = ["forward"]
+
+_LOCK = threading.Lock()
+_COMPILED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _signature(x: Any) -> str:
+    return repr(keras.tree.map_structure(lambda t: (tuple(t.shape[1:]), str(t.dtype)), x))
+
+
+def _compile(model: Any, session: _keras_mc.Session) -> tuple[Callable, set[int]]:
+    """``run(trainable, non_trainable, seeds, x)``: one MC pass of ``model`` reading its variables from the
+    arguments; the set collecting the sites reached when it is traced."""
+    ref, training, reached = weakref.ref(model), session.mode == "training", set()  # no strong reference
+    sites = session.sites.without_layers()
+
+    def body(trainable: list, non_trainable: list, seeds: Any, x: Any) -> Any:
+        net = ref()
+        reads = list(zip(net.trainable_variables, trainable)) + list(zip(net.non_trainable_variables, non_trainable))
+        reads += [(g.state, seeds[i]) for i, g in enumerate(sites.generators)]  # after: the pass's seeds win
+        with _keras_mc.active(sites, None, force=not training, reached=reached, reads=reads):
+            return net(x, training=training)
+
+    return jax.jit(body), reached
+
+
+def forward(model: Any, x: Any, session: _keras_mc.Session, key: np.ndarray, reached: set[int] | None) -> Any:
+    """One compiled MC pass; ``reached`` (if given) receives the sites the trace called."""
+    signature = (session.mode, _signature(x), session.sites.signature)
+    with _LOCK:
+        entry = _COMPILED.setdefault(model, {"lock": threading.Lock(), "functions": {}})
+    compiled = entry["functions"].get(signature)
+    if compiled is None:
+        with entry["lock"]:
+            compiled = entry["functions"].get(signature)
+            if compiled is None:
+                compiled = entry["functions"][signature] = _compile(model, session)
+    run, traced = compiled
+    seeds = _keras_mc._numpy_seed_values(int(np.asarray(key).reshape(-1)[0]), len(session.sites.generators))
+    out = run([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+              seeds.astype(np.uint32), x)
+    if reached is not None:
+        reached |= traced
+    return out
