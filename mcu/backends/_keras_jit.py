@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from mcu.backends import _keras_mc
+from mcu.errors import InputError
 
 __all__ = ["forward"]
 
@@ -48,11 +49,30 @@ def _compile(model: Any, session: _keras_mc.Session) -> tuple[Callable, set[int]
     return jax.jit(body), reached
 
 
+def _entry(model: Any) -> dict:
+    with _LOCK:
+        return _COMPILED.setdefault(model, {"lock": threading.Lock(), "functions": {}})
+
+
+def _values(model: Any, variables: list) -> list:
+    """The variables' current values; a clear error when Keras detached them (it does so on JAX while
+    ``model.fit`` / ``predict`` / ``evaluate`` runs, keeping the values in the running loop)."""
+    detached = [v.path for v in variables if v._value is None]
+    if detached:
+        raise InputError(f"model: {type(model).__qualname__}'s variables {detached[:3]} hold no values right now: "
+                         "Keras on JAX detaches them while model.fit/predict/evaluate runs (on another thread?); "
+                         "expected a model not inside such a call (sample before or after it).")
+    return [v.value for v in variables]
+
+
 def forward(model: Any, x: Any, session: _keras_mc.Session, key: np.ndarray, reached: set[int] | None) -> Any:
     """One compiled MC pass; ``reached`` (if given) receives the sites the trace called."""
+    if not model.built:  # a model never called has no variables yet: they must exist outside the trace
+        with _entry(model)["lock"], keras.StatelessScope():  # one discarded inference pass, nothing else written
+            if not model.built:
+                model(x, training=False)
     signature = (session.mode, _signature(x), session.sites.signature)
-    with _LOCK:
-        entry = _COMPILED.setdefault(model, {"lock": threading.Lock(), "functions": {}})
+    entry = _entry(model)
     compiled = entry["functions"].get(signature)
     if compiled is None:
         with entry["lock"]:
@@ -61,7 +81,7 @@ def forward(model: Any, x: Any, session: _keras_mc.Session, key: np.ndarray, rea
                 compiled = entry["functions"][signature] = _compile(model, session)
     run, traced = compiled
     seeds = _keras_mc._numpy_seed_values(int(np.asarray(key).reshape(-1)[0]), len(session.sites.generators))
-    out = run([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+    out = run(_values(model, model.trainable_variables), _values(model, model.non_trainable_variables),
               seeds.astype(np.uint32), x)
     if reached is not None:
         reached |= traced
