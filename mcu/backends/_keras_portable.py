@@ -42,15 +42,16 @@ def no_gradients() -> Iterator[None]:
         yield
 
 
-def to_tensor(x: Any) -> Any:
+def to_tensor(x: Any, argument: str = "x") -> Any:
     if isinstance(x, np.ndarray):
         array = x
     elif keras.ops.is_tensor(x) or isinstance(x, keras.Variable):
         array = _numpy(x)
     else:
-        raise InputError(f"x: expected a numpy array or a {NAME} tensor, got {type(x).__qualname__}.")
+        raise InputError(f"{argument}: expected a numpy array or a {NAME} tensor (or, for x, a dict or tuple of "
+                         f"them), got {type(x).__qualname__}.")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InputError("x: contains NaN or infinite values; expected finite inputs.")
+        raise InputError(f"{argument}: contains NaN or infinite values; expected finite inputs.")
     return keras.ops.convert_to_tensor(array)
 
 
