@@ -19,13 +19,12 @@ import warnings
 import numpy as np
 import pytest
 
-from tests.conftest import require_module, tensorflow_graph_only
+from tests.conftest import keras_training_passes, require_module, tensorflow_graph_only
 
 import mcu
 
 keras = require_module("keras")
 L = keras.layers
-BACKEND = keras.backend.backend()  # the framework Keras runs on (KERAS_BACKEND)
 
 T = 200
 BAND = (0.8, 1.25)
@@ -37,26 +36,9 @@ def spread(samples: np.ndarray) -> float:
 
 
 def literal(model, x, n: int = T) -> np.ndarray:
-    """The recipe users follow: ``n`` passes with ``training=True``, each drawing new masks (compiled once as a
-    user would: ``tf.function`` on TensorFlow, ``jax.jit`` of ``stateless_call`` carrying the seed states on
-    JAX; eager passes without gradients on PyTorch)."""
+    """The recipe users follow: ``n`` passes with ``training=True`` (compiled once; each pass draws new masks)."""
     keras.utils.set_random_seed(1234)
-    if BACKEND == "tensorflow":
-        tf = require_module("tensorflow")
-        passes = tf.function(lambda v: model(v, training=True))
-        return np.stack([np.asarray(passes(tf.constant(x))) for _ in range(n)])
-    if BACKEND == "jax":
-        jax = require_module("jax")
-        step = jax.jit(lambda tv, ntv, v: model.stateless_call(tv, ntv, v, training=True))
-        tv, ntv = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
-        outs = []
-        for _ in range(n):
-            out, ntv = step(tv, ntv, x)
-            outs.append(np.asarray(out))
-        return np.stack(outs)
-    torch = require_module("torch")
-    with torch.no_grad():
-        return np.stack([keras.ops.convert_to_numpy(model(x, training=True)) for _ in range(n)])
+    return keras_training_passes(keras, model, x, n)
 
 
 def snapshot(model):
