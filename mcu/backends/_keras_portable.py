@@ -67,7 +67,7 @@ def _install_seeded_dropout() -> None:
         return
 
     def dropout(inputs: Any, rate: Any, noise_shape: Any = None, seed: Any = None) -> Any:
-        if noise_shape is None and _keras_mc.in_pass():
+        if noise_shape is None and isinstance(seed, keras.random.SeedGenerator) and _keras_mc.in_pass():
             noise_shape = tuple(inputs.shape)  # an explicit noise shape selects Keras' seeded path
         return original(inputs, rate, noise_shape=noise_shape, seed=seed)
 
