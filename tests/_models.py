@@ -80,7 +80,6 @@ def _torch_zoo() -> SimpleNamespace:
 
 def _keras_zoo() -> SimpleNamespace:
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(0)
     L = keras.layers
@@ -143,8 +142,8 @@ def _keras_zoo() -> SimpleNamespace:
         augmented=augmented,
         image=lambda rng, n: rng.standard_normal((n, 28, 28, 1)).astype(np.float32),
         vector=lambda rng, n: rng.standard_normal((n, 784)).astype(np.float32),
-        tensor=lambda a: tf.convert_to_tensor(a),
-        deterministic=lambda model, x: np.asarray(model(x, training=False)),
+        tensor=lambda a: keras.ops.convert_to_tensor(a),  # a tensor of the framework Keras runs on
+        deterministic=lambda model, x: keras.ops.convert_to_numpy(model(x, training=False)),
         snapshot=snapshot,
         same=same,
         bn_stats=bn_stats,

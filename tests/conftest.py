@@ -51,6 +51,38 @@ def require_module(name: str) -> Any:
         pytest.skip(f"{name} is not installed ({exc})", allow_module_level=True)
 
 
+def tensorflow_graph_only(keras: Any, what: str) -> pytest.MarkDecorator:
+    """Mark a Keras test that needs the TensorFlow-graph fast path (traced functions, the prefix split, per-sample
+    masks, the mixed-precision copy, TensorFlow tensors or tapes): skipped when Keras runs on JAX or PyTorch, with
+    a reason naming the dependence. Such skips are not passes: ``pytest -rs`` lists them (``.ci/run`` does)."""
+    name = keras.backend.backend()
+    return pytest.mark.skipif(name != "tensorflow",
+                              reason=f"TensorFlow-graph fast path: {what} (this Keras runs on {name!r})")
+
+
+def keras_training_passes(keras: Any, model: Any, x: np.ndarray, n: int) -> np.ndarray:
+    """The literal MC-dropout recipe, ``n`` passes of ``model(x, training=True)`` (each draws new masks), compiled
+    as a user would: ``tf.function`` on TensorFlow, ``jax.jit`` of ``stateless_call`` carrying the seed states on
+    JAX; eager passes without gradients on PyTorch. Returns ``(n, *output)``."""
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        tf = require_module("tensorflow")
+        passes = tf.function(lambda v: model(v, training=True))
+        return np.stack([np.asarray(passes(tf.constant(x))) for _ in range(n)])
+    if name == "jax":
+        jax = require_module("jax")
+        step = jax.jit(lambda tv, ntv, v: model.stateless_call(tv, ntv, v, training=True))
+        tv, ntv = [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+        outs = []
+        for _ in range(n):
+            out, ntv = step(tv, ntv, x)
+            outs.append(np.asarray(out))
+        return np.stack(outs)
+    torch = require_module("torch")
+    with torch.no_grad():
+        return np.stack([keras.ops.convert_to_numpy(model(x, training=True)) for _ in range(n)])
+
+
 def require_backend(name: str) -> None:
     """Skip (locally) or fail (when required) if ``name``'s framework is not importable."""
     if importlib.util.find_spec(_MODULE[name]) is None:

@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import platform
+import sys
 from typing import Any
 
 from mcu.backends import detect, installed_frameworks
 from mcu.config import configured_backend
 from mcu.errors import MCUError
 
-__all__ = ["backend_info", "format_info"]
+__all__ = ["backend_info", "format_info", "keras_backend"]
+
+
+def keras_backend() -> tuple[str, str] | None:
+    """The framework Keras 3 runs on (``"tensorflow"``, ``"jax"``, ``"torch"``) and why, resolved as Keras does
+    (``KERAS_BACKEND``, then the ``backend`` of ``$KERAS_HOME/keras.json`` or ``~/.keras/keras.json``, then
+    TensorFlow) without importing Keras; the running Keras' answer once it is imported. None when Keras is not
+    installed. The ``tensorflow`` backend of mcu handles Keras models whichever framework Keras runs on."""
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        return keras.backend.backend(), "Keras is imported in this process"
+    if importlib.util.find_spec("keras") is None:
+        return None
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"], "KERAS_BACKEND"
+    home = os.environ.get("KERAS_HOME")
+    if home is None:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    path = os.path.join(os.path.expanduser(home), "keras.json")
+    try:
+        with open(path) as fh:
+            configured = json.load(fh).get("backend")
+    except (OSError, ValueError, AttributeError):
+        configured = None
+    if configured:
+        return str(configured), path
+    return "tensorflow", "Keras' default"
 
 
 def backend_info(model: Any = None) -> dict[str, Any]:
@@ -20,16 +51,19 @@ def backend_info(model: Any = None) -> dict[str, Any]:
 
     Returns:
         ``{"python": ..., "frameworks": {"torch": "2.13.0" | None, "tensorflow": ...},
-        "selected": name | None, "reason": str}``, and ``"error": message`` when the configuration is invalid
+        "selected": name | None, "reason": str}``, ``"keras_backend"`` and ``"keras_backend_reason"`` when Keras
+        is installed (:func:`keras_backend`), and ``"error": message`` when the configuration is invalid
         (every call would then raise that error; the report says so instead of raising).
     """
     frameworks = installed_frameworks()
+    keras_on = keras_backend()
+    extra = {} if keras_on is None else {"keras_backend": keras_on[0], "keras_backend_reason": keras_on[1]}
     try:
         choice = configured_backend()
     except MCUError as exc:
         return {"python": platform.python_version(), "frameworks": frameworks, "selected": None,
                 "reason": "invalid configuration: every call without backend= fails until it is fixed",
-                "error": str(exc)}
+                "error": str(exc), **extra}
     if choice is not None:
         selected, reason = choice.name, choice.reason
     elif model is not None and detect(model) is not None:
@@ -39,13 +73,16 @@ def backend_info(model: Any = None) -> dict[str, Any]:
         installed = ", ".join(name for name, version in frameworks.items() if version)
         hint = 'none: pip install "mcu[torch]" or "mcu[tensorflow]"'
         reason = f"nothing configured: detected per call from the model type (installed: {installed or hint})"
-    return {"python": platform.python_version(), "frameworks": frameworks, "selected": selected, "reason": reason}
+    return {"python": platform.python_version(), "frameworks": frameworks, "selected": selected, "reason": reason,
+            **extra}
 
 
 def format_info(info: dict[str, Any]) -> str:
     lines = [f"python      {info['python']}"]
     for name, version in info["frameworks"].items():
         lines.append(f"{name:<11} {version or 'not installed'}")
+    if info.get("keras_backend"):
+        lines.append(f"{'keras on':<11} {info['keras_backend']} ({info['keras_backend_reason']})")
     lines.append(f"backend     {info['selected'] or '(per model)'}")
     lines.append(f"why         {info['reason']}")
     if info.get("error"):

@@ -252,8 +252,7 @@ class KerasBackend:
         (a :class:`~mcu.structured.Batch`: the model is called with the dict, or the tuple as a list)."""
         if is_structured(x):
             if _portable.PORTABLE:
-                raise InputError("x: structured inputs (a dict or tuple) need Keras on TensorFlow for now; pass one "
-                                 "array.")
+                return Batch.convert(x, _portable.to_tensor)
             return Batch.convert(x, lambda leaf, name: self._leaf(model, leaf, name))
         if _portable.PORTABLE:
             return _portable.to_tensor(x)
@@ -410,6 +409,8 @@ class KerasBackend:
 
     def repeat(self, x: tf.Tensor | Batch, n: int) -> tf.Tensor | Batch:
         if isinstance(x, Batch):
+            if _portable.PORTABLE:
+                return x.map(lambda t: _portable.repeat(t, n))
             return x.map(lambda t: tf.tile(t, [n] + [1] * (len(t.shape) - 1)))
         if _portable.PORTABLE:
             return _portable.repeat(x, n)

@@ -1,9 +1,10 @@
-"""Keras 3 on JAX or PyTorch (``KERAS_BACKEND=jax|torch``): full eager passes, the same switches.
+"""Keras 3 on JAX or PyTorch (``KERAS_BACKEND=jax|torch``): full passes, the same switches.
 
 The backend's own fast paths (traced functions, the prefix split, per-sample masks, the mixed-precision copy)
-are TensorFlow code; on another Keras backend the ``loop`` and ``vectorized`` strategies run the model eagerly
-inside :func:`._switches.active` (sites on, seeds from the pass key, no variable written), and the split reports
-why it is not available, so ``auto`` says so in ``SampleInfo``.
+are TensorFlow code; on another Keras backend the ``loop`` and ``vectorized`` strategies run full passes of the
+model inside :func:`.switches.active` (sites on, seeds from the pass key, no variable written): compiled with
+``jax.jit`` on JAX (:mod:`.jit`), eager on PyTorch. The split reports why it is not available, so
+``auto`` says so in ``SampleInfo``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ PORTABLE = NAME != "tensorflow"
 
 
 def unsplittable() -> str:
+    passes = "compiled with jax.jit" if NAME == "jax" else "eager, not compiled"
     return (f"prefix caching and per-sample masks need Keras on TensorFlow (this Keras runs on {NAME!r}: "
-            "KERAS_BACKEND); full passes run instead")
+            f"KERAS_BACKEND); full passes run instead ({passes})")
 
 
 @contextlib.contextmanager
@@ -40,38 +42,50 @@ def no_gradients() -> Iterator[None]:
         yield
 
 
-def to_tensor(x: Any) -> Any:
+def to_tensor(x: Any, argument: str = "x") -> Any:
     if isinstance(x, np.ndarray):
         array = x
     elif keras.ops.is_tensor(x) or isinstance(x, keras.Variable):
-        array = keras.ops.convert_to_numpy(x)
+        array = _numpy(x)
     else:
-        raise InputError(f"x: expected a numpy array or a {NAME} tensor, got {type(x).__qualname__}.")
+        raise InputError(f"{argument}: expected a numpy array or a {NAME} tensor (or, for x, a dict or tuple of "
+                         f"them), got {type(x).__qualname__}.")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InputError("x: contains NaN or infinite values; expected finite inputs.")
+        raise InputError(f"{argument}: contains NaN or infinite values; expected finite inputs.")
     return keras.ops.convert_to_tensor(array)
 
 
-@contextlib.contextmanager
-def _global_rng(key: np.ndarray) -> Iterator[None]:
-    """Keras on PyTorch draws unseeded layers' dropout (``seed=None``, the default) from torch's global
-    generator: seeded from the pass key for the pass, its state restored afterwards. The generator is
-    process-wide, so passes running at once on several threads may interleave their draws (then a seeded
-    call is not reproducible; the distribution is unaffected)."""
-    if NAME != "torch":
-        yield
-        return
-    import torch
+def _install_seeded_dropout() -> None:
+    """Keras on PyTorch drops out with torch's process-wide generator when a layer was built without a seed (the
+    default), so those masks would ignore the pass key and depend on other threads' draws. Inside an MC pass
+    (:func:`.switches.active`) every dropout takes Keras' seeded path instead: its mask comes from the layer's
+    seed generator, which the pass maps to a seed from its key. Outside a pass the original runs unchanged."""
+    from keras.src.backend.torch import random as torch_random
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(np.asarray(key).reshape(-1)[0]) & 0x7FFFFFFFFFFFFFFF)
-        yield
+    original = torch_random.dropout
+    if getattr(original, "_mcu_seeded", False):
+        return
+
+    def dropout(inputs: Any, rate: Any, noise_shape: Any = None, seed: Any = None) -> Any:
+        if noise_shape is None and isinstance(seed, keras.random.SeedGenerator) and _switches.in_pass():
+            noise_shape = tuple(inputs.shape)  # an explicit noise shape selects Keras' seeded path
+        return original(inputs, rate, noise_shape=noise_shape, seed=seed)
+
+    dropout._mcu_seeded = True  # type: ignore[attr-defined]
+    torch_random.dropout = dropout
+
+
+if NAME == "torch":
+    _install_seeded_dropout()
 
 
 def forward(model: Any, x: Any, session: _switches.Session, key: np.ndarray, reached: set[int] | None) -> Any:
+    if NAME == "jax":  # eager JAX passes dispatch op by op: compiled instead
+        from mcu.backends.keras import jit
+
+        return jit.forward(model, x, session, key, reached)
     training = session.mode == "training"
-    with no_gradients(), _global_rng(key), _switches.active(session.sites, key, force=not training,
-                                                            reached=reached):
+    with no_gradients(), _switches.active(session.sites, key, force=not training, reached=reached):
         return model(x, training=training)
 
 
@@ -79,8 +93,15 @@ def repeat(x: Any, n: int) -> Any:
     return keras.ops.tile(x, [n] + [1] * (len(x.shape) - 1))
 
 
+def _numpy(t: Any) -> np.ndarray:
+    if NAME == "torch" and hasattr(t, "detach"):  # Keras' conversion goes through a deprecated np.array(tensor)
+        t = t.detach().cpu()
+        return (t.float() if t.dtype.is_floating_point and t.element_size() < 4 else t).numpy()
+    return keras.ops.convert_to_numpy(t)
+
+
 def to_numpy(t: Any) -> np.ndarray:
-    out = keras.ops.convert_to_numpy(t)
+    out = _numpy(t)
     return out.astype(np.float32) if out.dtype.kind == "f" and out.dtype.itemsize < 4 else out
 
 

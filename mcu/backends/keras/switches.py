@@ -50,6 +50,7 @@ __all__ = [
     "Sites",
     "active",
     "find_sites",
+    "in_pass",
     "install",
     "metering",
     "metering_now",
@@ -196,18 +197,20 @@ def _numpy_seed_values(key: int, count: int) -> np.ndarray:
 
 @contextlib.contextmanager
 def active(sites: Sites, key: tf.Tensor | None, *, force: bool = True,
-           reached: set[int] | None = None) -> Iterator[None]:
+           reached: set[int] | None = None, reads: Sequence[tuple[Any, Any]] = ()) -> Iterator[None]:
     """Run the enclosed Keras calls as an MC pass: ``sites`` with ``training=True`` (``force``), every seed
     generator of the model seeded from ``key`` (``(1,)`` uint64, a tensor, or a numpy array for Keras on JAX
-    or PyTorch; None: their current states), no variable written. ``reached`` collects the ids of the sites that were called."""
+    or PyTorch; None: their current states), no variable written. ``reached`` collects the ids of the sites that were called.
+    ``reads``: ``(variable, value)`` pairs the pass reads instead of the variables (a compiled function's
+    arguments); seeds from ``key`` take precedence."""
     outer = _STATE.get()
     state = _State(force=sites.ids if force else frozenset(), sites=sites.ids, reached=reached,
                    meter=None if outer is None else outer.meter)
-    mapping = []
+    mapping = list(reads)
     if key is not None and sites.generators:
         values = _seed_values(key, len(sites.generators)) if tf.is_tensor(key) else _numpy_seed_values(
             int(np.asarray(key).reshape(-1)[0]), len(sites.generators))
-        mapping = [(g.state, values[i]) for i, g in enumerate(sites.generators)]
+        mapping += [(g.state, values[i]) for i, g in enumerate(sites.generators)]
     token = _STATE.set(state)
     try:
         with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
@@ -230,6 +233,11 @@ def metering() -> Iterator[list[int]]:
         yield meter
     finally:
         _STATE.reset(token)
+
+
+def in_pass() -> bool:
+    """Whether the caller runs inside an MC pass (:func:`active`) in this context."""
+    return _STATE.get() is not None
 
 
 def metering_now() -> bool:

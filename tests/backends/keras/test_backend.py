@@ -7,10 +7,9 @@ import pytest
 
 import mcu
 
-from tests.conftest import require_module
+from tests.conftest import require_module, tensorflow_graph_only
 
 keras = require_module("keras")
-require_module("tensorflow")
 L = keras.layers
 
 
@@ -68,9 +67,11 @@ def test_seed_state_and_call_attributes_are_restored():
     assert "call" not in drop.__dict__
     # outside mcu the model is back to normal inference: deterministic
     x = np.ones((2, 3), np.float32)
-    np.testing.assert_array_equal(model(x, training=False), model(x, training=False))
+    plain = keras.ops.convert_to_numpy
+    np.testing.assert_array_equal(plain(model(x, training=False)), plain(model(x, training=False)))
 
 
+@tensorflow_graph_only(keras, "the mixed-precision copy")
 def test_bf16_runs_on_a_copy_and_leaves_the_model_and_policy_alone():
     model = keras.Sequential([keras.Input((3,)), L.Dense(4), L.Dropout(0.5), L.Dense(2)])
     before = [w.numpy().copy() for w in model.weights]
@@ -86,6 +87,7 @@ def test_bf16_runs_on_a_copy_and_leaves_the_model_and_policy_alone():
     assert model.dtype_policy.name == "float32"
 
 
+@tensorflow_graph_only(keras, "the mixed-precision copy")
 def test_low_precision_on_a_subclassed_keras_model_is_refused_clearly():
     class Net(keras.Model):
         def __init__(self):
@@ -101,6 +103,7 @@ def test_low_precision_on_a_subclassed_keras_model_is_refused_clearly():
         mcu.sample(model, np.ones((2, 3), np.float32), 3, precision="bf16")
 
 
+@tensorflow_graph_only(keras, "the mixed-precision copy")
 def test_fp16_warns_without_native_support():
     from mcu.backends.keras.backend import _native_fp16
 
@@ -126,6 +129,7 @@ def _gaussian_cnn():
     return keras.Model(inputs, L.Dense(3)(h))
 
 
+@tensorflow_graph_only(keras, "the prefix split")
 def test_prefix_strategy_runs_on_functional_models_and_auto_explains():
     model = _functional_cnn()
     x = np.random.default_rng(0).standard_normal((5, 12, 12, 1)).astype(np.float32)
@@ -143,6 +147,7 @@ def test_prefix_strategy_runs_on_functional_models_and_auto_explains():
     np.testing.assert_array_equal(first, mcu.sample(model, x, 30, seed=3, strategy="prefix", chunk_size=5 * 7))
 
 
+@tensorflow_graph_only(keras, "the prefix split's per-sample masks")
 def test_seeded_auto_does_not_time_a_model_whose_dropout_has_no_fast_path():
     model = _gaussian_cnn()
     x = np.random.default_rng(0).standard_normal((5, 12, 12, 1)).astype(np.float32)
@@ -151,12 +156,14 @@ def test_seeded_auto_does_not_time_a_model_whose_dropout_has_no_fast_path():
     np.testing.assert_array_equal(first, mcu.sample(model, x, 30, seed=3))
 
 
+@tensorflow_graph_only(keras, "the prefix split's per-sample masks")
 def test_parallel_on_keras_falls_back_to_prefix_when_some_dropout_is_native():
     x = np.ones((2, 12, 12, 1), np.float32)
     _, info = mcu.sample(_gaussian_cnn(), x, 6, strategy="parallel", seed=0, return_info=True)
     assert info.strategy == "prefix" and "shared random state" in info.strategy_reason
 
 
+@tensorflow_graph_only(keras, "the prefix split")
 def test_parallel_on_keras_gives_the_prefix_samples():
     model = _functional_cnn()
     x = np.random.default_rng(1).standard_normal((3, 12, 12, 1)).astype(np.float32)
@@ -165,6 +172,7 @@ def test_parallel_on_keras_gives_the_prefix_samples():
     np.testing.assert_array_equal(ours, mcu.sample(model, x, 13, strategy="prefix", chunk_size=3 * 5, seed=4))
 
 
+@tensorflow_graph_only(keras, "the reason the prefix split refuses a model")
 def test_subclassed_model_cannot_be_split_and_falls_back():
     class Net(keras.Model):
         def __init__(self):

@@ -19,12 +19,11 @@ import warnings
 import numpy as np
 import pytest
 
-from tests.conftest import require_module
+from tests.conftest import keras_training_passes, require_module, tensorflow_graph_only
 
 import mcu
 
 keras = require_module("keras")
-tf = require_module("tensorflow")
 L = keras.layers
 
 T = 200
@@ -37,10 +36,9 @@ def spread(samples: np.ndarray) -> float:
 
 
 def literal(model, x, n: int = T) -> np.ndarray:
-    """The recipe users follow: ``n`` passes with ``training=True`` (traced once; each pass draws new masks)."""
+    """The recipe users follow: ``n`` passes with ``training=True`` (compiled once; each pass draws new masks)."""
     keras.utils.set_random_seed(1234)
-    passes = tf.function(lambda v: model(v, training=True))
-    return np.stack([np.asarray(passes(tf.constant(x))) for _ in range(n)])
+    return keras_training_passes(keras, model, x, n)
 
 
 def snapshot(model):
@@ -237,7 +235,8 @@ def test_negative_control_a_site_left_off_fails_the_check(builder, shape, only_t
     assert not BAND[0] <= ratio <= BAND[1], f"{builder.__name__}: ratio {ratio:.3f} with the main sites off"
 
 
-def test_rate_zero_sites_are_identities_and_a_model_with_only_those_is_refused():
+@tensorflow_graph_only(keras, "the prefix split runs through rate-0 layers")
+def test_rate_zero_sites_are_identities_for_the_split():
     i = keras.Input((16,))
     h = L.Dropout(0.0)(L.Dense(32, activation="relu")(i))
     h = L.Dropout(0.3)(L.Dense(32, activation="relu")(L.LSTM(8, dropout=0.0)(L.Reshape((4, 8))(h))))
@@ -247,6 +246,9 @@ def test_rate_zero_sites_are_identities_and_a_model_with_only_those_is_refused()
     # the rate-0 Dropout and the LSTM without dropout are not sites: the prefix runs through both
     assert info.strategy == "prefix" and "from 'dropout" in info.strategy_reason
     assert "fast per-sample masks in 1 of 1" in info.strategy_reason
+
+
+def test_a_model_with_only_rate_zero_sites_is_refused():
     for zero in (keras.Sequential([keras.Input((4,)), L.Dense(3), L.Dropout(0.0)]),
                  keras.Sequential([keras.Input((3, 4)), L.LSTM(3, dropout=0.0, recurrent_dropout=0.0)])):
         with pytest.raises(mcu.NoDropoutError, match="rate 0"):
@@ -262,9 +264,9 @@ def test_batch_norm_keeps_and_uses_its_moving_statistics():
     bn.moving_mean.assign(np.full(4, 2.0, np.float32))  # far from the batch statistics
     bn.moving_variance.assign(np.full(4, 9.0, np.float32))
     x = np.random.default_rng(1).standard_normal((6, 8, 8, 2)).astype(np.float32)
-    inference = np.asarray(model(x, training=False))
+    inference = keras.ops.convert_to_numpy(model(x, training=False))
     with keras.StatelessScope():  # batch statistics, without writing the moving ones
-        batch_stats = np.asarray(model(x, training=True))
+        batch_stats = keras.ops.convert_to_numpy(model(x, training=True))
     before = snapshot(model)
     for strategy in ("auto", "loop", "vectorized", "prefix"):
         samples = mcu.sample(model, x, T, seed=0, strategy=strategy,
@@ -334,6 +336,7 @@ def test_a_site_that_never_runs_is_reported():
         mcu.sample(model, np.ones((2, 3), np.float32), 3, strategy="loop")
 
 
+@tensorflow_graph_only(keras, "the reason the prefix split refuses a model")
 def test_auto_says_why_a_model_cannot_be_split():
     model, x = _build(multi_head_attention, (5, 8))  # the attention (a site) reads the input directly
     samples, info = mcu.sample(model, x, 8, return_info=True)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import require_module
+from tests.conftest import require_module, tensorflow_graph_only
 
 import mcu
 
 keras = require_module("keras")
-tf = require_module("tensorflow")
 L = keras.layers
 
 
@@ -25,7 +24,9 @@ def images(channels=1, n=4):
     return np.random.default_rng(0).standard_normal((n, 8, 8, channels)).astype(np.float32)
 
 
+@tensorflow_graph_only(keras, "a tf.Variable input and the traced functions cached per input")
 def test_a_variable_input_does_not_poison_later_calls():
+    tf = require_module("tensorflow")
     model, x = cnn(), images()
     from_variable = mcu.sample(model, tf.Variable(x), 5, seed=0)
     for strategy in ("auto", "prefix", "loop"):
@@ -54,6 +55,8 @@ class RaisingNet(keras.Model):
         if self.how == "python":
             raise RuntimeError("the model's own bug")
         if self.how == "py_function":
+            tf = require_module("tensorflow")
+
             def fail(_):
                 raise RuntimeError("the model's own bug")
 
@@ -63,7 +66,8 @@ class RaisingNet(keras.Model):
         return self.drop(self.dense(x))
 
 
-@pytest.mark.parametrize("how", ["python", "py_function"])
+@pytest.mark.parametrize("how", ["python", pytest.param("py_function", marks=tensorflow_graph_only(
+    keras, "an exception raised inside a traced tf.py_function"))])
 def test_an_exception_inside_the_model_says_the_model_raised(how):
     model = RaisingNet(how)
     model.dense.build((None, 3))
@@ -82,8 +86,10 @@ def test_several_outputs_need_output(outputs, strategy):
         mcu.sample(keras.Model(i, out), np.ones((2, 3), np.float32), 3, strategy=strategy)
 
 
+@tensorflow_graph_only(keras, "tf.GradientTape")
 @pytest.mark.parametrize("strategy", ["loop", "prefix"])
 def test_sampling_inside_a_gradient_tape_records_nothing(strategy):
+    tf = require_module("tensorflow")
     model = cnn()
     x = tf.constant(images())
     with tf.GradientTape(persistent=True) as tape:

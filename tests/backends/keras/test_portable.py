@@ -17,8 +17,10 @@ from tests.conftest import require_module
 if os.environ.get("KERAS_BACKEND") not in ("jax", "torch"):
     pytest.skip("run with KERAS_BACKEND=jax or KERAS_BACKEND=torch", allow_module_level=True)
 keras = require_module("keras")
+from tests.conftest import keras_training_passes  # noqa: E402
+
 L = keras.layers
-T = 100  # eager passes: the standard error of the ratio is still a few percent
+T = 100  # the standard error of the ratio is still a few percent
 
 
 def spread(samples):
@@ -45,11 +47,11 @@ def test_loop_and_vectorized_match_the_literal_recipe(name):
     model, shape = models()[name]
     x = np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32)
     before = snapshot(model)
-    strategies = ("vectorized",) if name == "lstm" else ("loop", "vectorized")  # eager RNN passes are slow on JAX
+    strategies = ("loop", "vectorized")
     runs = {s: mcu.sample(model, x, T, seed=1, strategy=s, return_info=True) for s in strategies}
     assert all(np.array_equal(a, b) for a, b in zip(before, snapshot(model)))
     keras.utils.set_random_seed(2)
-    theirs = spread(np.stack([keras.ops.convert_to_numpy(model(x, training=True)) for _ in range(T)]))
+    theirs = spread(keras_training_passes(keras, model, x, T))
     for strategy, (samples, info) in runs.items():
         assert 0.8 <= spread(samples) / theirs <= 1.25, strategy
     _, auto = mcu.sample(model, x, 8, return_info=True)
@@ -64,3 +66,23 @@ def test_prefix_falls_back_and_says_why():
     samples, info = mcu.sample(model, x, 4, strategy="prefix", return_info=True)
     assert info.strategy == "vectorized" and f"runs on {keras.backend.backend()!r}" in info.strategy_reason
     assert samples.shape == (4, 2, 4)
+
+
+def test_passes_are_compiled_on_jax_and_say_so():
+    model, shape = models()["mlp"]
+    _, info = mcu.sample(model, np.ones((2, *shape), np.float32), 4, strategy="prefix", return_info=True)
+    expected = "compiled with jax.jit" if keras.backend.backend() == "jax" else "eager, not compiled"
+    assert expected in info.strategy_reason
+
+
+def test_low_precision_is_refused_clearly():
+    model, shape = models()["mlp"]
+    with pytest.raises(mcu.InputError, match=r"precision: 'bf16' .*needs Keras on TensorFlow.*precision='fp32'"):
+        mcu.sample(model, np.ones((2, *shape), np.float32), 3, precision="bf16")
+
+
+def test_a_keras_variable_input_gives_the_samples_of_its_value():
+    model, shape = models()["mlp"]
+    x = np.random.default_rng(4).standard_normal((3, *shape)).astype(np.float32)
+    np.testing.assert_array_equal(mcu.sample(model, keras.Variable(x, trainable=False), 5, seed=2),
+                                  mcu.sample(model, x, 5, seed=2))

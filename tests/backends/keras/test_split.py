@@ -13,6 +13,9 @@ import mcu
 from tests.conftest import require_module
 
 keras = require_module("keras")
+if keras.backend.backend() != "tensorflow":
+    pytest.skip(f"TensorFlow-graph fast path: the prefix split (this Keras runs on {keras.backend.backend()!r})",
+                allow_module_level=True)
 tf = require_module("tensorflow")
 
 from mcu.backends.keras import precision  # noqa: E402
