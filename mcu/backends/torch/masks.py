@@ -228,15 +228,20 @@ def _resolve_ties(mask: torch.Tensor, flat: torch.Tensor, n: int, reserve: torch
     expansion (reserved words in order, per mask; a second tie or an exhausted reserve draws words from the
     mask's own tie stream, :meth:`Streams.tie_words`, in element order, so the result depends only on the
     sample's stream)."""
-    sample = flat // n
-    counts = torch.bincount(sample, minlength=reserve.shape[0])
-    rank = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[sample]
-    inside = rank < reserve.shape[1]
-    words = reserve[sample[inside], rank[inside]]
-    positions = flat[inside]
-    mask[positions[words < rest[0]]] = 1
-    later = [(int(p), 1) for p in positions[words == rest[0]].tolist()]
-    later += [(int(p), 0) for p in flat[~inside].tolist()]
+    if reserve.shape[0] == 1:  # one stream: the ties' ranks are their positions in `flat`
+        positions, outside = flat[:reserve.shape[1]], flat[reserve.shape[1]:]
+        words = reserve[0, :positions.numel()]
+    else:
+        sample = flat // n
+        counts = torch.bincount(sample, minlength=reserve.shape[0])
+        rank = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[sample]
+        inside = rank < reserve.shape[1]
+        words = reserve[sample[inside], rank[inside]]
+        positions, outside = flat[inside], flat[~inside]
+    mask[positions] = words.lt(rest[0]).to(torch.uint8)  # tied elements are 0 so far
+    second = words.eq(rest[0])
+    later = [(int(p), 1) for p in positions[second].tolist()] if bool(second.any()) else []
+    later += [(int(p), 0) for p in outside.tolist()]
     ties: dict[int, Iterator[int]] = {}
     for position, stage in sorted(later):
         j = position // n
