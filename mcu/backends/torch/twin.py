@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from mcu.backends.torch.attention import ATTENTION_OP, stream_attention
 from mcu.backends.torch.masks import Streams, bernoulli_masks, keep_bits
 from mcu.structured import Batch
 
@@ -194,6 +195,11 @@ class _CallStreams:
 #: that need the exact tie step, against a cost per element for ``bernoulli_``); smaller ones from
 #: ``bernoulli_`` with the call's generator (seeded) or natively (unseeded).
 STREAM_MIN_ELEMENTS = {True: 4096, False: 32768}  # keyed by "the keep rate is dyadic"
+
+def _call_sources() -> tuple[Streams | None, torch.Generator | None, dict[bool, int]]:
+    """This thread's sampling sources and the stream's minimum mask size (for attention dropout)."""
+    return getattr(_CALL, "streams", None), getattr(_CALL, "generator", None), STREAM_MIN_ELEMENTS
+
 
 def _own_masks(module: nn.Module) -> bool:
     """A dropout module whose masks a twin draws from the call's stream."""
@@ -382,6 +388,8 @@ def build(model: nn.Module, mode: str, x: Any, run: Callable[[nn.Module, Any], A
     own = {i for i in stochastic if _own_masks(memo[i])}
     for i in own:
         memo[i].__dict__["forward"] = _stream_dropout(memo[i])
+    for i in {id(m) for m, op, _ in calls if op == ATTENTION_OP and id(m) in memo} - own:
+        memo[i].__dict__["forward"] = stream_attention(memo[i], _call_sources)
     return Twin(module, mode, frozenset(memo[i] for i in stochastic if i in memo),
                 frozenset(memo[i] for i in train if i in memo), _sites(calls, names),
                 _stacking_problem(passes[0], passes[1], names), inference,
