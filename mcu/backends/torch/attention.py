@@ -117,6 +117,12 @@ class _AttentionMode(TorchFunctionMode):
         return None
 
 
+def _compiling() -> bool:
+    """Whether ``torch.compile`` is tracing (``torch.compiler.is_compiling`` exists from torch 2.3)."""
+    check = getattr(torch.compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
 def stream_attention(module: nn.Module, sources: Sources) -> Callable[..., Any]:
     """``module.forward`` with its attention dropout computed by :func:`attention` whenever the call has a
     stream or a seeded generator (natively otherwise, and while ``torch.fx`` or ``torch.compile`` traces)."""
@@ -124,7 +130,7 @@ def stream_attention(module: nn.Module, sources: Sources) -> Callable[..., Any]:
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         streams, generator, _ = sources()
-        if (streams is None and generator is None) or torch.compiler.is_compiling() \
+        if (streams is None and generator is None) or _compiling() \
                 or any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
             return native(module, *args, **kwargs)
         with _AttentionMode(sources):

@@ -389,7 +389,8 @@ def build(model: nn.Module, mode: str, x: Any, run: Callable[[nn.Module, Any], A
     for i in own:
         memo[i].__dict__["forward"] = _stream_dropout(memo[i])
     for i in {id(m) for m, op, _ in calls if op == ATTENTION_OP and id(m) in memo} - own:
-        memo[i].__dict__["forward"] = stream_attention(memo[i], _call_sources)
+        if "forward" not in memo[i].__dict__:  # an instance's own forward (a wrapper's hook) stays as it is
+            memo[i].__dict__["forward"] = stream_attention(memo[i], _call_sources)
     return Twin(module, mode, frozenset(memo[i] for i in stochastic if i in memo),
                 frozenset(memo[i] for i in train if i in memo), _sites(calls, names),
                 _stacking_problem(passes[0], passes[1], names), inference,
