@@ -252,10 +252,11 @@ class KerasBackend:
         (a :class:`~mcu.structured.Batch`: the model is called with the dict, or the tuple as a list)."""
         if is_structured(x):
             if _portable.PORTABLE:
-                return Batch.convert(x, _portable.to_tensor)
+                compute = getattr(model, "compute_dtype", None)
+                return Batch.convert(x, lambda leaf, name: _portable.to_tensor(leaf, name, compute))
             return Batch.convert(x, lambda leaf, name: self._leaf(model, leaf, name))
         if _portable.PORTABLE:
-            return _portable.to_tensor(x)
+            return _portable.to_tensor(x, "x", getattr(model, "compute_dtype", None))
         return self._leaf(model, x, "x")
 
     def _leaf(self, model: keras.layers.Layer, x: Any, argument: str) -> tf.Tensor:

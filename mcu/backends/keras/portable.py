@@ -42,7 +42,9 @@ def no_gradients() -> Iterator[None]:
         yield
 
 
-def to_tensor(x: Any, argument: str = "x") -> Any:
+def to_tensor(x: Any, argument: str = "x", compute_dtype: str | None = None) -> Any:
+    """``x`` (a numpy array or a tensor of this Keras backend) as a tensor, checked finite, also after Keras
+    casts floating inputs to the model's ``compute_dtype`` (values beyond its range would become inf)."""
     if isinstance(x, np.ndarray):
         array = x
     elif keras.ops.is_tensor(x) or isinstance(x, keras.Variable):
@@ -52,6 +54,14 @@ def to_tensor(x: Any, argument: str = "x") -> Any:
                          f"them), got {type(x).__qualname__}.")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InputError(f"{argument}: contains NaN or infinite values; expected finite inputs.")
+    if array.dtype.kind == "f" and compute_dtype is not None:
+        compute = np.dtype(keras.backend.standardize_dtype(compute_dtype).replace("bfloat16", "float32"))
+        if compute.kind == "f" and compute.itemsize < array.dtype.itemsize:
+            with np.errstate(over="ignore"):
+                if not np.isfinite(array.astype(compute)).all():
+                    raise InputError(f"{argument}: contains values beyond the range of the model's compute dtype "
+                                     f"{compute.name} (given {array.dtype.name}); expected finite inputs after "
+                                     "that conversion.")
     return keras.ops.convert_to_tensor(array)
 
 
