@@ -90,8 +90,9 @@ def _within_budget(plan: Plan, strategy: Any, reason: str, n_samples: int) -> st
 
 
 def _key(plan: Plan, n_samples: int) -> tuple:
+    native_rng = plan.split.native_rng if plan.split is not None else None
     return (tuple(plan.x.shape), str(plan.x.dtype), plan.chunk_size, plan.max_memory, min(n_samples, _COPIES[-1]),
-            plan.precision, plan.seeded, plan.split is not None, plan.split.native_rng if plan.split is not None else None)
+            plan.precision, plan.seeded, plan.split is not None, native_rng)
 
 
 def _isolated(plan: Plan, measure: Any) -> Any:
