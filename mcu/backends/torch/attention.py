@@ -48,6 +48,8 @@ def _arguments(args: tuple, kwargs: dict) -> tuple[Any, ...] | None:
         return None
     q, k, v = bound["query"], bound["key"], bound["value"]
     p, mask = bound.get("dropout_p", 0.0), bound.get("attn_mask")
+    if mask is not None and bound.get("is_causal", False):  # torch refuses the pair: let it say so
+        return None
     tensors = (q, k, v) if mask is None else (q, k, v, mask)
     if not all(type(t) is torch.Tensor and not t.is_nested for t in tensors):
         return None
@@ -70,11 +72,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         scores = torch.matmul(query.to(acc, memory_format=torch.contiguous_format),
                               key.to(acc, memory_format=torch.contiguous_format).transpose(-2, -1))
         scores.mul_(1.0 / math.sqrt(query.size(-1)) if scale is None else scale)
-        if is_causal:
+        if is_causal:  # never with attn_mask (refused by torch, left to it by _arguments)
             rows, cols = query.size(-2), key.size(-2)
-            causal = torch.ones(rows, cols, dtype=torch.bool, device=query.device).tril()
-            attn_mask = causal if attn_mask is None else attn_mask.logical_and(causal) \
-                if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~causal, -math.inf)
+            attn_mask = torch.ones(rows, cols, dtype=torch.bool, device=query.device).tril()
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
                 scores = scores.masked_fill(attn_mask.logical_not(), -math.inf)

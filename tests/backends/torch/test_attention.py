@@ -121,3 +121,14 @@ def test_calls_it_cannot_compute_run_natively(monkeypatch):
 
     out = mcu.sample(Gqa().eval(), torch.randn(3, 2, 16, 8), 4, strategy="loop")
     assert computed == [] and out.shape == (4, 3, 2, 16, 8)
+
+
+
+def test_a_causal_call_with_an_explicit_mask_is_left_to_torch():
+    """torch refuses attn_mask with is_causal=True; the twin's attention leaves such a call to torch (which
+    raises) instead of computing it."""
+    q, mask = torch.randn(1, 2, 4, 8), torch.ones(4, 4, dtype=torch.bool)
+    assert torch_attention._arguments((q, q, q), {"attn_mask": mask, "dropout_p": 0.3, "is_causal": True}) is None
+    assert torch_attention._arguments((q, q, q), {"dropout_p": 0.3, "is_causal": True}) is not None
+    with pytest.raises(RuntimeError, match="attn_mask should not be set when is_causal"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask, dropout_p=0.3, is_causal=True)
