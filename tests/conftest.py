@@ -51,13 +51,28 @@ def require_module(name: str) -> Any:
         pytest.skip(f"{name} is not installed ({exc})", allow_module_level=True)
 
 
+def _graph_only_reason(keras: Any, what: str) -> str | None:
+    """The skip reason of a check that needs the TensorFlow-graph fast path, or None when Keras runs on TensorFlow."""
+    name = keras.backend.backend()
+    return None if name == "tensorflow" else f"TensorFlow-graph fast path: {what} (this Keras runs on {name!r})"
+
+
 def tensorflow_graph_only(keras: Any, what: str) -> pytest.MarkDecorator:
     """Mark a Keras test that needs the TensorFlow-graph fast path (traced functions, the prefix split, per-sample
     masks, the mixed-precision copy, TensorFlow tensors or tapes): skipped when Keras runs on JAX or PyTorch, with
     a reason naming the dependence. Such skips are not passes: ``pytest -rs`` lists them (``.ci/run`` does)."""
-    name = keras.backend.backend()
-    return pytest.mark.skipif(name != "tensorflow",
-                              reason=f"TensorFlow-graph fast path: {what} (this Keras runs on {name!r})")
+    reason = _graph_only_reason(keras, what)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+def require_tensorflow_graph(what: str) -> Any:
+    """:func:`tensorflow_graph_only` as a call: inside a test it skips that test, at module level the module (the
+    same reason). Returns the keras module."""
+    keras = require_module("keras")
+    reason = _graph_only_reason(keras, what)
+    if reason is not None:
+        pytest.skip(reason, allow_module_level=True)
+    return keras
 
 
 def keras_training_passes(keras: Any, model: Any, x: np.ndarray, n: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import mcu
 from mcu.errors import InputError
 from mcu.strategies import prefix as prefix_module
 from mcu.strategies.base import SeedStream
-from tests.conftest import require_module
+from tests.conftest import require_tensorflow_graph
 
 REPO = Path(__file__).resolve().parents[2]
 MCU_ROOT = str(Path(mcu.__file__).resolve().parents[1])  # the mcu under test (subprocesses import the same)
@@ -39,9 +39,7 @@ def _record_takes(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("strategy", ["prefix", "parallel"])
 def test_seeds_are_made_per_group_and_grouping_changes_no_sample(backend, models, rng, monkeypatch, strategy):
     if backend == "tensorflow":
-        keras = require_module("keras")
-        if keras.backend.backend() != "tensorflow":
-            pytest.skip(f"TensorFlow-graph fast path: the prefix split (this Keras runs on {keras.backend.backend()!r})")
+        require_tensorflow_graph("the prefix split")
     model, x = models.cnn(), models.image(rng, 3)
     whole = mcu.sample(model, x, 40, strategy=strategy, chunk_size=3 * 4, seed=5, workers=2)
     taken = _record_takes(monkeypatch)

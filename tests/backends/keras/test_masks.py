@@ -12,12 +12,9 @@ import pytest
 
 import mcu
 
-from tests.conftest import require_module
+from tests.conftest import require_module, require_tensorflow_graph
 
-keras = require_module("keras")
-if keras.backend.backend() != "tensorflow":
-    pytest.skip(f"TensorFlow-graph fast path: the split's per-sample masks (this Keras runs on {keras.backend.backend()!r})",
-                allow_module_level=True)
+keras = require_tensorflow_graph("the split's per-sample masks")
 tf = require_module("tensorflow")
 
 from mcu.backends.keras import masks as km  # noqa: E402

@@ -10,12 +10,9 @@ import pytest
 
 import mcu
 
-from tests.conftest import require_module
+from tests.conftest import require_module, require_tensorflow_graph
 
-keras = require_module("keras")
-if keras.backend.backend() != "tensorflow":
-    pytest.skip(f"TensorFlow-graph fast path: the prefix split (this Keras runs on {keras.backend.backend()!r})",
-                allow_module_level=True)
+keras = require_tensorflow_graph("the prefix split")
 tf = require_module("tensorflow")
 
 from mcu.backends.keras import precision  # noqa: E402
