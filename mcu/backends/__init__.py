@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
+import json
+import os
 import sys
 from typing import Any, Callable
 
 from mcu.config import Choice, configured_backend
 from mcu.errors import BackendError, BackendMismatchError, BackendNotInstalledError
 
-__all__ = ["REGISTRY", "detect", "get_backend", "installed_frameworks", "resolve"]
+__all__ = ["REGISTRY", "detect", "get_backend", "installed_frameworks", "keras_backend", "resolve"]
 
 #: canonical name -> (implementation, distributions that provide the framework, pip extra)
 REGISTRY: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -63,6 +66,33 @@ def installed_frameworks() -> dict[str, str | None]:
                 continue
         versions[name] = version
     return versions
+
+
+def keras_backend() -> tuple[str, str] | None:
+    """The framework Keras 3 runs on (``"tensorflow"``, ``"jax"``, ``"torch"``) and why, resolved as Keras does
+    (``KERAS_BACKEND``, then the ``backend`` of ``$KERAS_HOME/keras.json`` or ``~/.keras/keras.json``, then
+    TensorFlow) without importing Keras; the running Keras' answer once it is imported. None when Keras is not
+    installed. The ``tensorflow`` backend of mcu handles Keras models whichever framework Keras runs on."""
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        return keras.backend.backend(), "Keras is imported in this process"
+    if importlib.util.find_spec("keras") is None:
+        return None
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"], "KERAS_BACKEND"
+    home = os.environ.get("KERAS_HOME")
+    if home is None:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    path = os.path.join(os.path.expanduser(home), "keras.json")
+    try:
+        with open(path) as fh:
+            configured = json.load(fh).get("backend")
+    except (OSError, ValueError, AttributeError):
+        configured = None
+    if configured:
+        return str(configured), path
+    return "tensorflow", "Keras' default"
 
 
 _instances: dict[str, Any] = {}

@@ -2,45 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
 import platform
-import sys
 from typing import Any
 
-from mcu.backends import detect, installed_frameworks
+from mcu.backends import detect, installed_frameworks, keras_backend
 from mcu.config import configured_backend
 from mcu.errors import MCUError
 
-__all__ = ["backend_info", "format_info", "keras_backend"]
-
-
-def keras_backend() -> tuple[str, str] | None:
-    """The framework Keras 3 runs on (``"tensorflow"``, ``"jax"``, ``"torch"``) and why, resolved as Keras does
-    (``KERAS_BACKEND``, then the ``backend`` of ``$KERAS_HOME/keras.json`` or ``~/.keras/keras.json``, then
-    TensorFlow) without importing Keras; the running Keras' answer once it is imported. None when Keras is not
-    installed. The ``tensorflow`` backend of mcu handles Keras models whichever framework Keras runs on."""
-    keras = sys.modules.get("keras")
-    if keras is not None and hasattr(keras, "backend"):
-        return keras.backend.backend(), "Keras is imported in this process"
-    if importlib.util.find_spec("keras") is None:
-        return None
-    if os.environ.get("KERAS_BACKEND"):
-        return os.environ["KERAS_BACKEND"], "KERAS_BACKEND"
-    home = os.environ.get("KERAS_HOME")
-    if home is None:
-        base = os.path.expanduser("~")
-        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
-    path = os.path.join(os.path.expanduser(home), "keras.json")
-    try:
-        with open(path) as fh:
-            configured = json.load(fh).get("backend")
-    except (OSError, ValueError, AttributeError):
-        configured = None
-    if configured:
-        return str(configured), path
-    return "tensorflow", "Keras' default"
+__all__ = ["backend_info", "format_info"]
 
 
 def backend_info(model: Any = None) -> dict[str, Any]:

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from mcu.core.info import backend_info, format_info, keras_backend
+from mcu.backends import keras_backend
+from mcu.core.info import backend_info, format_info
 from tests.conftest import require_module
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
