@@ -42,7 +42,7 @@ from mcu.backends.torch.kernels import (
     table_bytes,
 )
 from mcu.backends.torch.masks import Streams
-from mcu.backends.torch.twin import RANDOM_FUNCTIONS, Twin, is_random_call
+from mcu.backends.torch.twin import RANDOM_FUNCTIONS, Twin, is_random_call, snapshot
 
 __all__ = ["TorchSplit", "attribute_state", "split_model", "still_valid"]
 
@@ -407,26 +407,11 @@ def attribute_state(model: nn.Module) -> tuple:
     replaced buffer or parameter is a new object). A cached split is re-validated when this changes.
     Numbers, strings, containers and plain objects are compared by value (a few levels deep), tensors and
     other objects by identity."""
-    attributes = tuple((name, key, _plain(value)) for name, module in model.named_modules()
+    attributes = tuple((name, key, snapshot(value, 3, objects=True)) for name, module in model.named_modules()
                        for key, value in vars(module).items() if key not in _MODULE_INTERNALS)
     tensors = tuple((name, id(t)) for name, t in model.named_parameters(remove_duplicate=False)) + tuple(
         (name, id(t)) for name, t in model.named_buffers(remove_duplicate=False))
     return attributes + tensors
-
-
-def _plain(value: object, depth: int = 0) -> object:
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return value
-    if isinstance(value, (tuple, list, dict)) and len(value) > 64:  # big containers: identity and size only
-        return (type(value), id(value), len(value))
-    if depth < 3 and isinstance(value, (tuple, list)):
-        return (type(value), tuple(_plain(v, depth + 1) for v in value))
-    if depth < 3 and isinstance(value, dict):
-        return (dict, tuple((_plain(k, depth + 1), _plain(v, depth + 1)) for k, v in value.items()))
-    if depth < 3 and not isinstance(value, (torch.Tensor, nn.Module, type)) and hasattr(value, "__dict__") \
-            and not callable(value):
-        return (type(value), id(value), _plain(vars(value), depth + 1))  # e.g. a config object, mutated
-    return (type(value), id(value))
 
 
 def split_model(twin: Twin, x: torch.Tensor, dropout_types: tuple[type, ...]) -> tuple[TorchSplit | None, str]:

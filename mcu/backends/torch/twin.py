@@ -45,7 +45,7 @@ from mcu.backends.torch.attention import ATTENTION_OP, stream_attention
 from mcu.backends.torch.masks import Streams, bernoulli_masks, keep_bits
 from mcu.structured import Batch
 
-__all__ = ["Twin", "RANDOM_FUNCTIONS", "fingerprint", "is_random_call", "twin_of"]
+__all__ = ["Twin", "RANDOM_FUNCTIONS", "fingerprint", "is_random_call", "snapshot", "twin_of"]
 
 #: functional dropouts and whether their ``training`` argument defaults to True
 _F_DROPOUTS = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True, F.alpha_dropout: False,
@@ -128,17 +128,28 @@ def fingerprint(model: nn.Module) -> tuple:
         parts.append((name, id(module)))
         for key, value in vars(module).items():
             if key not in _INTERNALS:
-                parts.append((key, _plain(value)))
+                parts.append((key, snapshot(value, 2)))
     if _scripted(model):
         parts.extend((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
     return tuple(parts)
 
 
-def _plain(value: object, depth: int = 0) -> object:
+def snapshot(value: object, levels: int, objects: bool = False, depth: int = 0) -> object:
+    """``value`` as a cache compares it: numbers and strings by value, tuples and lists (up to 64 items) by value
+    ``levels`` deep, with ``objects`` also dicts and plain objects' attributes (what a trace bakes in: e.g. a
+    config object mutated in place); anything else, and big containers, by identity."""
     if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
         return value
-    if depth < 2 and isinstance(value, (tuple, list)) and len(value) <= 64:
-        return (type(value), tuple(_plain(v, depth + 1) for v in value))
+    if isinstance(value, (tuple, list, dict)) and len(value) > 64:
+        return (type(value), id(value), len(value))
+    if depth < levels and isinstance(value, (tuple, list)):
+        return (type(value), tuple(snapshot(v, levels, objects, depth + 1) for v in value))
+    if objects and depth < levels and isinstance(value, dict):
+        return (dict, tuple((snapshot(k, levels, objects, depth + 1), snapshot(v, levels, objects, depth + 1))
+                            for k, v in value.items()))
+    if objects and depth < levels and not isinstance(value, (torch.Tensor, nn.Module, type)) \
+            and hasattr(value, "__dict__") and not callable(value):
+        return (type(value), id(value), snapshot(vars(value), levels, objects, depth + 1))
     return (type(value), id(value))
 
 
