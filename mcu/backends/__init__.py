@@ -1,8 +1,9 @@
 """Backend registry and model-type detection.
 
-Backends are named by lazy ``"module:Class"`` strings: importing :mod:`mcu` imports no framework, and a
-backend's module (which imports its framework at the top) is loaded only when a call needs it. Detection looks
-only at ``sys.modules``: if torch was never imported, the object cannot be a torch module.
+Backends are named by lazy ``"module:factory"`` strings (a class, or a function that makes the backend):
+importing :mod:`mcu` imports no framework, and a backend's module (which imports its framework at the top) is
+loaded only when a call needs it. Detection looks only at ``sys.modules``: if torch was never imported, the
+object cannot be a torch module.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ __all__ = ["REGISTRY", "detect", "get_backend", "installed_frameworks", "keras_b
 
 #: canonical name -> (implementation, distributions that provide the framework, pip extra)
 REGISTRY: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "tensorflow": ("mcu.backends.keras:KerasBackend", ("tensorflow", "tensorflow-cpu", "keras"), "tensorflow"),
+    "tensorflow": ("mcu.backends.keras:create", ("tensorflow", "tensorflow-cpu", "keras"), "tensorflow"),
     "torch": ("mcu.backends.torch:TorchBackend", ("torch",), "torch"),
 }
 

@@ -7,6 +7,6 @@ per-sample dropout masks), :mod:`.memory` (activation metering), :mod:`.precisio
 :mod:`.portable` (full passes when Keras runs on JAX or PyTorch), :mod:`.jit` (``jax.jit``-compiled passes on JAX).
 """
 
-from mcu.backends.keras.backend import KerasBackend
+from mcu.backends.keras.backend import KerasBackend, PortableKerasBackend, create
 
-__all__ = ["KerasBackend"]
+__all__ = ["KerasBackend", "PortableKerasBackend", "create"]

@@ -40,6 +40,7 @@ __all__ = ["KerasBackend"]
 _DROPOUT_TYPES = _switches.DROPOUT_TYPES
 _SITE_NAMES = ("Dropout, SpatialDropout1D/2D/3D, GaussianDropout, AlphaDropout (rate > 0), an RNN layer with "
                "dropout or recurrent_dropout > 0, or an attention layer with dropout > 0")
+_STRUCTURED_SPLIT = "the model takes structured inputs; prefix caching supports one input tensor"
 _POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 # Frames of these packages (mcu's backend hooks included): an exception raised there is a layer refusing its input
 _FRAMEWORK_DIRS = tuple(os.path.dirname(m.__file__) for m in (keras, tf)) + (os.path.dirname(__file__),)
@@ -223,9 +224,6 @@ class KerasBackend:
         model on every call; the user's model and the global dtype policy are untouched)."""
         if precision == "fp32":
             return model
-        if _portable.PORTABLE:
-            raise InputError(f"precision: {precision!r} on the tensorflow backend needs Keras on TensorFlow (this Keras "
-                             f"runs on {_portable.NAME!r}); expected precision='fp32'.")
         if precision == "fp16" and not _native_fp16():
             warnings.warn(
                 "precision='fp16': this machine has no native float16 arithmetic (no GPU, no AVX512-FP16 CPU); "
@@ -251,12 +249,7 @@ class KerasBackend:
         so nothing traced for it is reused for plain tensors or the other way round), or a dict/tuple of them
         (a :class:`~mcu.structured.Batch`: the model is called with the dict, or the tuple as a list)."""
         if is_structured(x):
-            if _portable.PORTABLE:
-                compute = getattr(model, "compute_dtype", None)
-                return Batch.convert(x, lambda leaf, name: _portable.to_tensor(leaf, name, compute))
             return Batch.convert(x, lambda leaf, name: self._leaf(model, leaf, name))
-        if _portable.PORTABLE:
-            return _portable.to_tensor(x, "x", getattr(model, "compute_dtype", None))
         return self._leaf(model, x, "x")
 
     def _leaf(self, model: keras.layers.Layer, x: Any, argument: str) -> tf.Tensor:
@@ -324,8 +317,10 @@ class KerasBackend:
         session = _switches.session(model)
         if session is None or session.mode is None:
             raise RuntimeError("KerasBackend.forward must run inside mc_mode()")
-        if _portable.PORTABLE:
-            return self._portable_forward(model, session, x)
+        return self._run(model, session, x)
+
+    def _run(self, model: keras.layers.Layer, session: _switches.Session, x: Any) -> Any:
+        """One traced pass (TensorFlow)."""
         key = session.stream.next_key()
         try:
             if _switches.metering_now():  # traced by activation_bytes: run the Python, seen with static shapes
@@ -343,35 +338,14 @@ class KerasBackend:
     def select_output(self, out: Any, output: Any) -> tf.Tensor:
         """The tensor to sample from a pass's output: ``out`` itself, or what ``output`` selects from a list,
         tuple or dict output."""
-        is_tensor = keras.ops.is_tensor if _portable.PORTABLE else tf.is_tensor  # JAX / torch arrays there
-        return select_output(out, output, is_tensor)
-
-    def _portable_forward(self, model: keras.layers.Layer, session: _switches.Session, x: Any) -> Any:
-        """An eager pass for Keras on JAX or PyTorch (:mod:`.portable`); the sites reached are checked
-        once per model and dropout configuration."""
-        with self._lock:
-            entry = self._compiled.setdefault(model, {"lock": threading.Lock(), "functions": {}})
-        checked = entry["functions"].get(("portable", session.sites.signature))
-        reached: set[int] | None = None if checked else set()
-        try:
-            out = _portable.forward(model, x, session, session.stream.take(1), reached)
-        except MCUError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified: the input's fault or the model's, original as cause
-            raise _model_error(model, x, exc) from exc
-        if reached is not None:
-            _switches.check_reached(session.sites.layers, reached, "a forward pass")
-            entry["functions"][("portable", session.sites.signature)] = True
-        return out
+        return select_output(out, output, tf.is_tensor)
 
     # ---- fast paths ------------------------------------------------------------------------------------------
 
     def split(self, model: keras.layers.Layer, x: tf.Tensor) -> tuple[Any, str]:
         """A validated prefix/suffix split of a Functional/Sequential model (see :mod:`.split`)."""
         if isinstance(x, Batch):
-            return None, "the model takes structured inputs; prefix caching supports one input tensor"
-        if _portable.PORTABLE:
-            return None, _portable.unsplittable()
+            return None, _STRUCTURED_SPLIT
         session = _switches.session(model)
         sites = session.sites if session is not None and session.sites is not None else self.sites(model)
         with _tape_record.stop_recording():  # validation runs the model eagerly
@@ -395,8 +369,6 @@ class KerasBackend:
         """Bytes of all leaf-layer outputs produced by ``run()`` (plus the fast suffix's masked and repeated
         tensors): a rough per-pass memory estimate from static shapes. ``run`` is traced, not executed (see
         :func:`_memory.activation_bytes`); only this context's calls are metered."""
-        if _portable.PORTABLE:
-            return None
         try:
             with _tape_record.stop_recording():
                 return _memory.activation_bytes(run) or None
@@ -404,22 +376,75 @@ class KerasBackend:
             return None
 
     def nbytes(self, t: tf.Tensor) -> int:
-        if _portable.PORTABLE:
-            return _portable.nbytes(t)
         return int(tf.size(t)) * t.dtype.size
 
     def repeat(self, x: tf.Tensor | Batch, n: int) -> tf.Tensor | Batch:
         if isinstance(x, Batch):
-            if _portable.PORTABLE:
-                return x.map(lambda t: _portable.repeat(t, n))
             return x.map(lambda t: tf.tile(t, [n] + [1] * (len(t.shape) - 1)))
-        if _portable.PORTABLE:
-            return _portable.repeat(x, n)
         return tf.tile(x, [n] + [1] * (len(x.shape) - 1))
 
     def to_numpy(self, t: tf.Tensor) -> np.ndarray:
-        if _portable.PORTABLE:
-            return _portable.to_numpy(t)
         if t.dtype in (tf.bfloat16, tf.float16):
             t = tf.cast(t, tf.float32)
         return t.numpy()
+
+
+class PortableKerasBackend(KerasBackend):
+    """The Keras backend when Keras runs on JAX or PyTorch (:mod:`.portable`): the same sites, switches and
+    seeds, full passes (``jax.jit``-compiled on JAX, eager on PyTorch); the TensorFlow fast paths (prefix split,
+    per-sample masks, metering, mixed-precision copies) are not available, and each says why."""
+
+    def model_for_precision(self, model: keras.layers.Layer, precision: str) -> keras.layers.Layer:
+        if precision != "fp32":
+            raise InputError(f"precision: {precision!r} on the tensorflow backend needs Keras on TensorFlow (this Keras "
+                             f"runs on {_portable.NAME!r}); expected precision='fp32'.")
+        return model
+
+    def to_tensor(self, model: keras.layers.Layer, x: Any) -> Any:
+        compute = getattr(model, "compute_dtype", None)
+        if is_structured(x):
+            return Batch.convert(x, lambda leaf, name: _portable.to_tensor(leaf, name, compute))
+        return _portable.to_tensor(x, "x", compute)
+
+    def _run(self, model: keras.layers.Layer, session: _switches.Session, x: Any) -> Any:
+        """An eager pass for Keras on JAX or PyTorch (:mod:`.portable`); the sites reached are checked
+        once per model and dropout configuration."""
+        with self._lock:
+            entry = self._compiled.setdefault(model, {"lock": threading.Lock(), "functions": {}})
+        checked = entry["functions"].get(("portable", session.sites.signature))
+        reached: set[int] | None = None if checked else set()
+        try:
+            out = _portable.forward(model, x, session, session.stream.take(1), reached)
+        except MCUError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified: the input's fault or the model's, original as cause
+            raise _model_error(model, x, exc) from exc
+        if reached is not None:
+            _switches.check_reached(session.sites.layers, reached, "a forward pass")
+            entry["functions"][("portable", session.sites.signature)] = True
+        return out
+
+    def select_output(self, out: Any, output: Any) -> Any:
+        return select_output(out, output, keras.ops.is_tensor)  # JAX / torch arrays
+
+    def split(self, model: keras.layers.Layer, x: Any) -> tuple[Any, str]:
+        return None, _STRUCTURED_SPLIT if isinstance(x, Batch) else _portable.unsplittable()
+
+    def activation_bytes(self, run: Callable[[], Any]) -> int | None:
+        return None  # no static trace to meter outside TensorFlow
+
+    def nbytes(self, t: Any) -> int:
+        return _portable.nbytes(t)
+
+    def repeat(self, x: Any, n: int) -> Any:
+        if isinstance(x, Batch):
+            return x.map(lambda t: _portable.repeat(t, n))
+        return _portable.repeat(x, n)
+
+    def to_numpy(self, t: Any) -> np.ndarray:
+        return _portable.to_numpy(t)
+
+
+def create() -> KerasBackend:
+    """The Keras backend for the framework this process's Keras runs on (the registry's entry point)."""
+    return PortableKerasBackend() if _portable.PORTABLE else KerasBackend()
