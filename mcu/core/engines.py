@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from mcu.core.sampling import check_choice
+from mcu._checks import check_choice
 
 __all__ = ["ENGINES", "engine_function"]
 

@@ -100,7 +100,7 @@ def ray_deployment(
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})
         serve.run(ray_deployment("mypkg.models:build", n_samples=50, input_shape=[784]), route_prefix="/")
     """
-    from mcu.core.sampling import check_int
+    from mcu._checks import check_int
 
     check_int(num_replicas, "num_replicas", minimum=1)
     check_int(max_batch, "max_batch", minimum=1)

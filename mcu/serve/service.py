@@ -160,7 +160,7 @@ class Service:
         metrics: Any = None,
         **sample_options: Any,
     ) -> None:
-        from mcu.core.sampling import check_choice, check_int
+        from mcu._checks import check_choice, check_int
 
         check_int(n_samples, "n_samples", minimum=1)
         check_choice(task, "task", tuple(SCORES))
@@ -455,7 +455,7 @@ def _input_shape(model: Any, given: Sequence[int] | None, argument: str = "input
 
 
 def _dtype(name: Any, argument: str) -> np.dtype:
-    from mcu.core.sampling import check_choice
+    from mcu._checks import check_choice
 
     check_choice(name, argument, tuple(INPUT_DTYPES))
     return np.dtype(INPUT_DTYPES[name])
