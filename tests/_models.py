@@ -74,6 +74,7 @@ def _torch_zoo() -> SimpleNamespace:
         snapshot=snapshot,
         same=same,
         bn_stats=bn_stats,
+        weights=lambda model: [t.detach().numpy() for t in (*model.parameters(), *model.buffers())],
         dropout_count=lambda model: sum(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()),
     )
 
@@ -147,5 +148,6 @@ def _keras_zoo() -> SimpleNamespace:
         snapshot=snapshot,
         same=same,
         bn_stats=bn_stats,
+        weights=lambda model: [np.asarray(v) for v in model.weights],  # not the dropout seed states
         dropout_count=dropout_count,
     )

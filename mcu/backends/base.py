@@ -137,6 +137,10 @@ class FastPaths(Protocol):
     def nbytes(self, t: Any) -> int:
         """Bytes of tensor ``t``."""
 
+    def weight_bytes(self, model: Any) -> int:
+        """Bytes of the model's weights (PyTorch: parameters and buffers), each storage counted once: with one
+        pass's activations, what inference on the model already holds (``auto``'s default memory budget)."""
+
     def worker_threads(self, workers: int) -> ContextManager[None]:
         """Adapt the framework's intra-op threads while ``workers`` Python threads sample (process-wide
         setting, reference counted across concurrent calls)."""

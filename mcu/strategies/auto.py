@@ -10,8 +10,8 @@ from a shared random state it uses a fixed configuration — so timing never cha
 The probe runs under a fixed seed inside the backend's ``seeded`` block, so it neither consumes the user's
 random stream nor changes a seeded call's result. The choice is cached per model, per-example input shape,
 batch size, precision and sample count bucket, so it is stable across calls, and it is explained in
-``SampleInfo``. Copies per pass are capped by a memory budget (``max_memory``; by default about one full
-pass's activations, at least 4 MB).
+``SampleInfo``. Copies per pass are capped by a memory budget (``max_memory``; by default what inference on
+the model already holds — its weights plus one full pass's activations — at least 4 MB).
 """
 
 from __future__ import annotations
@@ -106,10 +106,11 @@ def _isolated(plan: Plan, measure: Any) -> Any:
 
 
 def _budget(plan: Plan, full_pass_bytes: int | None) -> int:
-    """Bytes the copies may take: ``max_memory``, else about one full pass's activations (>= MIN_BUDGET)."""
+    """Bytes the copies may take: ``max_memory``, else what inference on the model already holds — its weights
+    and one full pass's activations — so that sampling at most about doubles it (>= MIN_BUDGET)."""
     if plan.max_memory is not None:
         return plan.max_memory
-    return max(MIN_BUDGET, full_pass_bytes or 0)
+    return max(MIN_BUDGET, (full_pass_bytes or 0) + plan.backend.weight_bytes(plan.model))
 
 
 def _max_copies(plan: Plan, budget: int, per_copy: int | None, n_samples: int) -> int:

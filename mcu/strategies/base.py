@@ -45,7 +45,7 @@ class Plan:
     model: Any
     x: Any  # framework tensor, batch axis first
     chunk_size: int | None = None  # max rows per forward pass (None: chosen by the strategy / auto)
-    max_memory: int | None = None  # bytes the copies may add (None: about one full pass's activations)
+    max_memory: int | None = None  # bytes the copies may add (None: weights + one pass's activations)
     precision: str = "fp32"
     seeds: SeedStream = field(default_factory=SeedStream)
     split: Any = None  # a validated prefix/suffix split (prefix and parallel strategies)

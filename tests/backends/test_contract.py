@@ -225,6 +225,15 @@ def test_configured_backend_that_does_not_fit_the_model(models, rng):
         mcu.sample(models.mlp(), models.vector(rng, 1), 2, backend=other)
 
 
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_weight_bytes_counts_what_the_model_holds(models, model_name):
+    """``auto``'s default memory budget adds the model's weights (BatchNorm statistics included)."""
+    model = getattr(models, model_name)()
+    expected = sum(a.nbytes for a in models.weights(model))
+    assert expected > 100_000
+    assert get_backend(models.name).weight_bytes(model) == expected
+
+
 def test_dropout_layers_are_all_found(models):
     impl = get_backend(models.name)
     model = models.cnn()

@@ -42,6 +42,17 @@ def test_max_memory_limits_copies_per_pass():
     assert info.details["copies_per_pass"] == 1
 
 
+def test_the_default_budget_is_the_weights_plus_one_pass():
+    """Big weights, tiny activations (one example): the copies may take about what the model holds, not just
+    the 4 MB floor."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Dropout(0.5), torch.nn.Linear(2048, 2))
+    _, info = mcu.sample(model, np.ones((1, 2048), np.float32), 20, return_info=True)
+    weights = (2048 * 2048 + 2048 + 2048 * 2 + 2) * 4
+    assert f"memory budget {weights / 2**20:.0f} MB" in info.strategy_reason
+    assert weights / 2**20 > 15  # well above the floor
+
+
 @pytest.mark.parametrize("strategy", ["vectorized", "prefix", "parallel"])
 def test_explicit_strategies_stay_within_the_memory_budget(strategy):
     model = _models.zoo("torch").mlp()

@@ -378,6 +378,9 @@ class KerasBackend:
     def nbytes(self, t: tf.Tensor) -> int:
         return int(tf.size(t)) * t.dtype.size
 
+    def weight_bytes(self, model: keras.layers.Layer) -> int:
+        return _memory.weight_bytes(model)
+
     def repeat(self, x: tf.Tensor | Batch, n: int) -> tf.Tensor | Batch:
         if isinstance(x, Batch):
             return x.map(lambda t: tf.tile(t, [n] + [1] * (len(t.shape) - 1)))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import keras
+import numpy as np
 import tensorflow as tf
 
 from mcu.backends.keras import switches as _switches
 
-__all__ = ["activation_bytes"]
+__all__ = ["activation_bytes", "weight_bytes"]
 
+#: Sizes numpy cannot name without ml_dtypes
+_ITEMSIZE = {"bfloat16": 2}
 
 
 def activation_bytes(run: Callable[[], Any]) -> int:
@@ -23,3 +27,13 @@ def activation_bytes(run: Callable[[], Any]) -> int:
     with _switches.metering() as meter:
         tf.function(lambda: (run(), None)[1], autograph=False).get_concrete_function()
     return meter[0]
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of ``model``'s variables (trainable or not; a variable shared between layers counts once), on any
+    Keras backend."""
+    seen: dict[int, int] = {}
+    for v in model.weights:
+        dtype = keras.backend.standardize_dtype(v.dtype)
+        seen[id(v)] = int(np.prod(v.shape)) * (_ITEMSIZE.get(dtype) or np.dtype(dtype).itemsize)
+    return sum(seen.values())

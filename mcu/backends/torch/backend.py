@@ -275,6 +275,9 @@ class TorchBackend:
     def nbytes(self, t: torch.Tensor) -> int:
         return t.numel() * t.element_size()
 
+    def weight_bytes(self, model: torch.nn.Module) -> int:
+        return _memory.weight_bytes(model)
+
     def repeat(self, x: torch.Tensor | Batch, n: int) -> torch.Tensor | Batch:
         if isinstance(x, Batch):
             return x.map(lambda t: _split.repeat_rows(t, n))

@@ -11,10 +11,19 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["ActivationMeter", "made", "measuring", "reusable_buffer"]
+__all__ = ["ActivationMeter", "made", "measuring", "reusable_buffer", "weight_bytes"]
 
 
 _meters = threading.local()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers, each storage once (tied or shared weights count once)."""
+    storages: dict[tuple, int] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        storage = t.untyped_storage()
+        storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 @contextlib.contextmanager

@@ -57,6 +57,16 @@ def test_layers_inside_subclassed_models_are_found():
     assert not np.allclose(samples[0], samples[1])
 
 
+def test_a_layer_used_twice_counts_once_in_the_weight_bytes():
+    from mcu.backends import get_backend
+
+    shared = keras.layers.Dense(32)
+    inputs = keras.Input((32,))
+    outputs = shared(keras.layers.Dropout(0.5)(shared(inputs)))
+    model = keras.Model(inputs, outputs)
+    assert get_backend("tensorflow").weight_bytes(model) == (32 * 32 + 32) * 4
+
+
 def test_seed_state_and_call_attributes_are_restored():
     model = keras.Sequential([keras.Input((3,)), L.Dense(4), L.Dropout(0.5), L.Dense(2)])
     drop = model.layers[1]

@@ -25,6 +25,16 @@ def test_seeded_call_leaves_the_global_rng_alone():
     np.testing.assert_array_equal(torch.rand(3), expected)
 
 
+def test_tied_weights_count_once_in_the_weight_bytes():
+    from mcu.backends import get_backend
+
+    embed = torch.nn.Embedding(1000, 64)
+    head = torch.nn.Linear(64, 1000, bias=False)
+    head.weight = embed.weight  # tied, as language models do
+    model = torch.nn.Sequential(embed, torch.nn.Dropout(0.1), head)
+    assert get_backend("torch").weight_bytes(model) == 1000 * 64 * 4
+
+
 def test_no_gradients_are_recorded():
     zoo = _models.zoo("torch")
     model = zoo.mlp()
