@@ -330,10 +330,11 @@ def prepare(plan: Plan, requested: str, n_samples: int, mode: str) -> tuple[Any,
     per_sample_rng = plan.split is not None and not plan.split.native_rng
     if plan.seeded and not per_sample_rng:
         # Timing must not decide what a seeded call returns: a fixed configuration instead of a probe.
+        # The memory budget depends on shapes and weights only, so capping by it keeps the choice reproducible.
         strategy = PrefixStrategy() if plan.split is not None else VectorizedStrategy()  # (stacking checked above)
-        return strategy, (f"seeded call: {strategy.name} with the default rows per pass, chosen without timing "
-                          "(these dropout layers draw from a shared random state, so a timed choice could change "
-                          f"the samples){_split_note(plan, why)}")
+        reason = (f"seeded call: {strategy.name} with the default rows per pass, chosen without timing (these "
+                  "dropout layers draw from a shared random state, so a timed choice could change the samples)")
+        return strategy, _within_budget(plan, strategy, reason, n_samples) + _split_note(plan, why)
     if n_samples == 1:
         return (PrefixStrategy(), f"one sample; split: {why}") if plan.split else (LoopStrategy(), "one sample")
     key = (*_key(plan, n_samples), stacking)

@@ -53,6 +53,31 @@ def test_the_default_budget_is_the_weights_plus_one_pass():
     assert weights / 2**20 > 15  # well above the floor
 
 
+class _Untraceable(torch.nn.Module):
+    """Data-dependent control flow: torch.fx cannot split it, so its dropout has no per-sample streams."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Dropout(0.5))
+        self.head = torch.nn.Linear(256, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h if h.sum() > 0 else -h)
+
+
+def test_a_seeded_call_without_timing_stays_within_the_memory_budget():
+    torch.manual_seed(0)
+    model = _Untraceable()
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    first, info = mcu.sample(model, x, 40, seed=3, max_memory=40_000, return_info=True)
+    assert "without timing" in info.strategy_reason and "memory budget" in info.strategy_reason
+    assert info.details["copies_per_pass"] == 1  # one copy's activations (16 x 256 floats, twice) exceed 40 kB
+    np.testing.assert_array_equal(first, mcu.sample(model, x, 40, seed=3, max_memory=40_000))
+    _, roomy = mcu.sample(model, x, 40, seed=3, return_info=True)
+    assert roomy.details["copies_per_pass"] > 1
+
+
 @pytest.mark.parametrize("strategy", ["vectorized", "prefix", "parallel"])
 def test_explicit_strategies_stay_within_the_memory_budget(strategy):
     model = _models.zoo("torch").mlp()
