@@ -81,9 +81,12 @@ def _within_budget(plan: Plan, strategy: Any, reason: str, n_samples: int) -> st
     if key not in cache:
         cache[key] = _isolated(plan, lambda: _limits(plan, n_samples))
     budget, limits, rows = cache[key]
-    default = plan.copies_per_pass(DEFAULT_ROWS[strategy.name], None if strategy.name == "vectorized" else rows)
+    default = min(n_samples, plan.copies_per_pass(DEFAULT_ROWS[strategy.name],
+                                                  None if strategy.name == "vectorized" else rows))
     plan.copies = min(default, limits[strategy.name])
-    if plan.copies < default:
+    # parallel's limit is shared between its workers: fewer copies per block than samples is no cap then
+    wanted = min(default, max(1, n_samples // _workers(plan))) if strategy.name == "parallel" else default
+    if plan.copies < wanted:
         reason += (f"; copies per pass capped at {plan.copies} (default {default}) by the memory budget of "
                    f"{budget / 2**20:.0f} MB (max_memory=)")
     return reason

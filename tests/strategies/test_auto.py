@@ -86,6 +86,9 @@ def test_explicit_strategies_stay_within_the_memory_budget(strategy):
     assert info.details["copies_per_pass"] == 1 and "memory budget" in info.strategy_reason
     _, info = mcu.sample(model, x, 50, strategy=strategy, max_memory=50 << 20, return_info=True)
     assert info.details["copies_per_pass"] > 1  # a raised budget allows more
+    _, info = mcu.sample(model, x, 3, strategy=strategy, max_memory=50 << 20, return_info=True)
+    assert "capped" not in info.strategy_reason  # all samples fit
+    assert info.details["copies_per_pass"] == (1 if strategy == "parallel" else 3)  # parallel: a block per worker
     _, info = mcu.sample(model, x, 50, strategy=strategy, max_memory=200_000, chunk_size=640, return_info=True)
     assert info.details["copies_per_pass"] == 10  # an explicit chunk_size is the caller's choice
 
