@@ -141,6 +141,10 @@ class FastPaths(Protocol):
         """Bytes of the model's weights (PyTorch: parameters and buffers), each storage counted once: with one
         pass's activations, what inference on the model already holds (``auto``'s default memory budget)."""
 
+    def free_bytes(self, model: Any) -> int | None:
+        """Bytes free on the device the model runs on (host memory available on a CPU), None when unknown:
+        ``auto``'s default memory budget never takes more than half of it for the weights' share."""
+
     def worker_threads(self, workers: int) -> ContextManager[None]:
         """Adapt the framework's intra-op threads while ``workers`` Python threads sample (process-wide
         setting, reference counted across concurrent calls)."""

@@ -209,7 +209,9 @@ def _build_keras(layers: tuple[tuple, ...], input_shape: tuple[int, ...]) -> Any
 
 def _build_bert(spec: TransformerSpec) -> Any:
     """Hugging Face ``BertForSequenceClassification`` with random weights, in eval mode, wrapped to take the
-    token ids alone and return the logits (mcu samples a model of one tensor in, one tensor out)."""
+    token ids alone and return the logits: the suite feeds every workload one array, and the ``train()`` loop
+    it is compared with calls the model the same way (users pass ``{"input_ids": ..., "attention_mask": ...}``
+    with ``output="logits"``; the tests cover that)."""
     import torch
     from torch import nn
     from transformers import BertConfig, BertForSequenceClassification

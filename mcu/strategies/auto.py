@@ -11,7 +11,8 @@ The probe runs under a fixed seed inside the backend's ``seeded`` block, so it n
 random stream nor changes a seeded call's result. The choice is cached per model, per-example input shape,
 batch size, precision and sample count bucket, so it is stable across calls, and it is explained in
 ``SampleInfo``. Copies per pass are capped by a memory budget (``max_memory``; by default what inference on
-the model already holds — its weights plus one full pass's activations — at least 4 MB).
+the model already holds — its weights plus one full pass's activations, the weights' share at most half the
+memory free on the model's device — at least 4 MB).
 """
 
 from __future__ import annotations
@@ -109,11 +110,16 @@ def _isolated(plan: Plan, measure: Any) -> Any:
 
 
 def _budget(plan: Plan, full_pass_bytes: int | None) -> int:
-    """Bytes the copies may take: ``max_memory``, else what inference on the model already holds — its weights
-    and one full pass's activations — so that sampling at most about doubles it (>= MIN_BUDGET)."""
+    """Bytes the copies may take: ``max_memory``, else what inference on the model already holds — one full
+    pass's activations and its weights — so that sampling at most about doubles it (>= MIN_BUDGET). The
+    weights' share stops at half of the memory free on the model's device, and is left out where that is
+    unknown: a model filling most of a GPU must not get a budget as large as itself."""
     if plan.max_memory is not None:
         return plan.max_memory
-    return max(MIN_BUDGET, (full_pass_bytes or 0) + plan.backend.weight_bytes(plan.model))
+    activations = full_pass_bytes or 0
+    free = plan.backend.free_bytes(plan.model)
+    weights = 0 if free is None else min(plan.backend.weight_bytes(plan.model), max(0, free // 2 - activations))
+    return max(MIN_BUDGET, activations + weights)
 
 
 def _max_copies(plan: Plan, budget: int, per_copy: int | None, n_samples: int) -> int:

@@ -232,6 +232,7 @@ def test_weight_bytes_counts_what_the_model_holds(models, model_name):
     expected = sum(a.nbytes for a in models.weights(model))
     assert expected > 100_000
     assert get_backend(models.name).weight_bytes(model) == expected
+    assert get_backend(models.name).free_bytes(model) > 0  # a CPU: the host's available memory
 
 
 def test_dropout_layers_are_all_found(models):

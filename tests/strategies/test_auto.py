@@ -53,6 +53,19 @@ def test_the_default_budget_is_the_weights_plus_one_pass():
     assert weights / 2**20 > 15  # well above the floor
 
 
+@pytest.mark.parametrize("free, expected_mb", [(None, 4), (20 << 20, 10), (1 << 40, 16)])
+def test_the_weights_share_of_the_budget_stops_at_half_the_free_memory(monkeypatch, free, expected_mb):
+    """A model that fills most of its device must not get a budget as large as itself; unknown free memory
+    (an accelerator the backend cannot query) leaves the weights out."""
+    from mcu.backends import get_backend
+
+    monkeypatch.setattr(type(get_backend("torch")), "free_bytes", lambda self, model: free)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Dropout(0.5), torch.nn.Linear(2048, 2))
+    _, info = mcu.sample(model, np.ones((1, 2048), np.float32), 20, return_info=True)
+    assert f"memory budget {expected_mb} MB" in info.strategy_reason
+
+
 class _Untraceable(torch.nn.Module):
     """Data-dependent control flow: torch.fx cannot split it, so its dropout has no per-sample streams."""
 

@@ -381,6 +381,9 @@ class KerasBackend:
     def weight_bytes(self, model: keras.layers.Layer) -> int:
         return _memory.weight_bytes(model)
 
+    def free_bytes(self, model: keras.layers.Layer) -> int | None:
+        return _memory.free_bytes()
+
     def repeat(self, x: tf.Tensor | Batch, n: int) -> tf.Tensor | Batch:
         if isinstance(x, Batch):
             return x.map(lambda t: tf.tile(t, [n] + [1] * (len(t.shape) - 1)))

@@ -8,9 +8,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mcu import _host
 from mcu.backends.keras import switches as _switches
 
-__all__ = ["activation_bytes", "weight_bytes"]
+__all__ = ["activation_bytes", "free_bytes", "weight_bytes"]
 
 #: Sizes numpy cannot name without ml_dtypes
 _ITEMSIZE = {"bfloat16": 2}
@@ -37,3 +38,16 @@ def weight_bytes(model: Any) -> int:
         dtype = keras.backend.standardize_dtype(v.dtype)
         seen[id(v)] = int(np.prod(v.shape)) * (_ITEMSIZE.get(dtype) or np.dtype(dtype).itemsize)
     return sum(seen.values())
+
+
+def free_bytes() -> int | None:
+    """Host memory available when Keras computes on the CPU alone; None (unknown) when it sees an accelerator."""
+    try:
+        devices = keras.distribution.list_devices()
+    except AttributeError:  # Keras on PyTorch has no distribution API
+        import torch
+
+        devices = ["gpu"] if torch.cuda.is_available() else ["cpu:0"]
+    if any(not d.lower().startswith("cpu") for d in devices):
+        return None
+    return _host.available_memory()

@@ -278,6 +278,9 @@ class TorchBackend:
     def weight_bytes(self, model: torch.nn.Module) -> int:
         return _memory.weight_bytes(model)
 
+    def free_bytes(self, model: torch.nn.Module) -> int | None:
+        return _memory.free_bytes(_model_device_dtype(model)[0])
+
     def repeat(self, x: torch.Tensor | Batch, n: int) -> torch.Tensor | Batch:
         if isinstance(x, Batch):
             return x.map(lambda t: _split.repeat_rows(t, n))

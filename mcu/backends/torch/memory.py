@@ -11,7 +11,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["ActivationMeter", "made", "measuring", "reusable_buffer", "weight_bytes"]
+from mcu import _host
+
+__all__ = ["ActivationMeter", "made", "measuring", "free_bytes", "reusable_buffer", "weight_bytes"]
 
 
 _meters = threading.local()
@@ -24,6 +26,16 @@ def weight_bytes(model: torch.nn.Module) -> int:
         storage = t.untyped_storage()
         storages[(t.device, storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Bytes free on ``device``: the CUDA driver's count on a GPU, host memory available on a CPU (None for
+    other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return _host.available_memory()
+    return None
 
 
 @contextlib.contextmanager
