@@ -232,7 +232,8 @@ def sample(
         chunk_size: at most this many rows per forward pass (copies of the batch for ``"vectorized"``).
         max_memory: bytes the stacked copies may take (default: what inference on the model already holds,
             one full pass's activations plus its weights, the weights' share at most half the memory free on
-            the model's device; at least 4 MB).
+            the model's device, except where a seeded call's samples depend on the copies per pass; at least
+            4 MB).
         workers: threads for ``"parallel"`` (default: the CPU count).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; warns where the hardware lacks support).
         seed: an integer in ``[0, 2**64 - 1]``; makes the call reproducible without touching the global random

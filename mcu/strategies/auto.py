@@ -113,12 +113,15 @@ def _budget(plan: Plan, full_pass_bytes: int | None) -> int:
     """Bytes the copies may take: ``max_memory``, else what inference on the model already holds — one full
     pass's activations and its weights — so that sampling at most about doubles it (>= MIN_BUDGET). The
     weights' share stops at half of the memory free on the model's device, and is left out where that is
-    unknown: a model filling most of a GPU must not get a budget as large as itself."""
+    unknown: a model filling most of a GPU must not get a budget as large as itself. Where the copies per pass
+    decide a seeded call's samples (no per-sample streams), free memory is not consulted: the samples must
+    not depend on the machine's state."""
     if plan.max_memory is not None:
         return plan.max_memory
-    activations = full_pass_bytes or 0
-    free = plan.backend.free_bytes(plan.model)
-    weights = 0 if free is None else min(plan.backend.weight_bytes(plan.model), max(0, free // 2 - activations))
+    activations, weights = full_pass_bytes or 0, plan.backend.weight_bytes(plan.model)
+    if not (plan.seeded and (plan.split is None or plan.split.native_rng)):
+        free = plan.backend.free_bytes(plan.model)
+        weights = 0 if free is None else min(weights, max(0, free // 2 - activations))
     return max(MIN_BUDGET, activations + weights)
 
 

@@ -69,10 +69,10 @@ def test_the_weights_share_of_the_budget_stops_at_half_the_free_memory(monkeypat
 class _Untraceable(torch.nn.Module):
     """Data-dependent control flow: torch.fx cannot split it, so its dropout has no per-sample streams."""
 
-    def __init__(self) -> None:
+    def __init__(self, inputs: int = 64, width: int = 256) -> None:
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Dropout(0.5))
-        self.head = torch.nn.Linear(256, 3)
+        self.body = torch.nn.Sequential(torch.nn.Linear(inputs, width), torch.nn.ReLU(), torch.nn.Dropout(0.5))
+        self.head = torch.nn.Linear(width, 3)
 
     def forward(self, x):
         h = self.body(x)
@@ -89,6 +89,24 @@ def test_a_seeded_call_without_timing_stays_within_the_memory_budget():
     np.testing.assert_array_equal(first, mcu.sample(model, x, 40, seed=3, max_memory=40_000))
     _, roomy = mcu.sample(model, x, 40, seed=3, return_info=True)
     assert roomy.details["copies_per_pass"] > 1
+
+
+def test_free_memory_does_not_change_a_seeded_call_without_per_sample_streams(monkeypatch):
+    """There the copies per pass decide the samples: the budget comes from shapes and weights alone."""
+    from mcu.backends import get_backend
+    from mcu.strategies import auto
+
+    torch.manual_seed(0)
+    model = _Untraceable(2048, 2048)  # 16 MB of weights: above the 4 MB floor
+    x = np.random.default_rng(0).standard_normal((16, 2048)).astype(np.float32)
+    results = []
+    for free in (1 << 40, 0, None):
+        monkeypatch.setattr(type(get_backend("torch")), "free_bytes", lambda self, model, free=free: free)
+        auto._cache.clear()  # measure the budget again
+        results.append(mcu.sample(model, x, 40, seed=3, return_info=True))
+    assert len({r[1].details["copies_per_pass"] for r in results}) == 1
+    for samples, _ in results[1:]:
+        np.testing.assert_array_equal(samples, results[0][0])
 
 
 @pytest.mark.parametrize("strategy", ["vectorized", "prefix", "parallel"])
