@@ -23,8 +23,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of ``model``'s parameters and buffers, each storage once (tied or shared weights count once)."""
     storages: dict[tuple, int] = {}
     for t in (*model.parameters(), *model.buffers()):
-        storage = t.untyped_storage()
-        storages[(t.device, storage.data_ptr())] = storage.nbytes()
+        try:
+            storage = t.untyped_storage()
+            storages[(t.device, storage.data_ptr())] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # no plain storage (sparse, some tensor subclasses)
+            storages[("tensor", id(t))] = t.numel() * t.element_size()
     return sum(storages.values())
 
 
