@@ -19,8 +19,7 @@ _PACKAGE = "tensorflow"
 
 
 def _hidden(name: str | None) -> bool:
-    return name is not None and (name == _PACKAGE or name.startswith(_PACKAGE + ".") or name.startswith(_PACKAGE + "-")
-                                 or name.startswith(_PACKAGE + "_"))
+    return name is not None and (name == _PACKAGE or name.startswith(tuple(_PACKAGE + c for c in ".-_")))
 
 
 class _Blind:

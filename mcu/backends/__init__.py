@@ -113,7 +113,8 @@ def missing(name: str) -> str | None:
     if name == "tensorflow":
         on = keras_backend()
         if on is None:
-            return 'Keras is not installed: pip install "mcu[tensorflow]" (or "mcu[keras]" for Keras on JAX or PyTorch)'
+            return ('Keras is not installed: pip install "mcu[tensorflow]" (or "mcu[keras]" for Keras on JAX or '
+                    "PyTorch)")
         framework, why = on
         if framework in ("jax", "torch") and not _found(framework):
             fix = '"mcu[keras]" "jax[cpu]"' if framework == "jax" else '"mcu[keras,torch]"'
@@ -137,15 +138,15 @@ def get_backend(name: str) -> Any:
     if name not in _instances:
         target, _, extra = REGISTRY[name]
         module_name, class_name = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
+        try:  # the factory may import the framework too (the Keras package picks its class by Keras' framework)
+            backend = getattr(importlib.import_module(module_name), class_name)()
         except ImportError as exc:
-            problem = missing(name) if name in ("tensorflow", "torch") else None
+            problem = missing(name)
             raise BackendNotInstalledError(
                 f"backend {name!r} needs a framework that is not installed ({exc}); "
                 + (problem or f'install it with: pip install "mcu[{extra}]"')
             ) from exc
-        _instances[name] = getattr(module, class_name)()
+        _instances[name] = backend
     return _instances[name]
 
 

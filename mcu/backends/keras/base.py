@@ -18,11 +18,12 @@ from typing import Any, Iterator
 
 import keras
 
-from mcu.backends.keras import memory as _memory, switches as _switches
+from mcu.backends.keras import memory as _memory
+from mcu.backends.keras import switches as _switches
 from mcu.errors import DropoutSiteWarning, InputError, MCUError, NoDropoutError
 from mcu.structured import Batch
 
-__all__ = ["BaseKerasBackend", "STRUCTURED_SPLIT"]
+__all__ = ["STRUCTURED_SPLIT", "BaseKerasBackend"]
 
 _SITE_NAMES = ("Dropout, SpatialDropout1D/2D/3D, GaussianDropout, AlphaDropout (rate > 0), an RNN layer with "
                "dropout or recurrent_dropout > 0, or an attention layer with dropout > 0")

@@ -24,12 +24,11 @@ from mcu.backends.keras.base import STRUCTURED_SPLIT, BaseKerasBackend
 from mcu.errors import InputError, MCUError
 from mcu.structured import Batch, is_structured, select_output
 
-__all__ = ["NAME", "PORTABLE", "PortableKerasBackend", "no_gradients", "nbytes", "repeat", "to_numpy", "to_tensor",
+__all__ = ["NAME", "PortableKerasBackend", "no_gradients", "nbytes", "repeat", "to_numpy", "to_tensor",
            "unsplittable"]
 
+#: The framework Keras runs on here (``jax`` or ``torch``)
 NAME = keras.backend.backend()
-#: Keras runs on another framework than TensorFlow: the eager path of this module is used.
-PORTABLE = NAME != "tensorflow"
 
 
 def unsplittable() -> str:
@@ -128,8 +127,8 @@ def nbytes(t: Any) -> int:
 
 
 class PortableKerasBackend(BaseKerasBackend):
-    """The Keras backend when Keras runs on JAX or PyTorch: the same sites, switches and
-    seeds, full passes (``jax.jit``-compiled on JAX, eager on PyTorch); the TensorFlow fast paths (prefix split,
+    """The Keras backend when Keras runs on JAX or PyTorch: the same sites, switches and seeds as on TensorFlow,
+    full passes (``jax.jit``-compiled on JAX, eager on PyTorch); the TensorFlow fast paths (prefix split,
     per-sample masks, metering, mixed-precision copies) are not available, and each says why."""
 
     def model_for_precision(self, model: keras.layers.Layer, precision: str) -> keras.layers.Layer:
@@ -145,8 +144,8 @@ class PortableKerasBackend(BaseKerasBackend):
         return to_tensor(x, "x", compute)
 
     def _run(self, model: keras.layers.Layer, session: _switches.Session, x: Any) -> Any:
-        """An eager pass for Keras on JAX or PyTorch (:mod:`.portable`); the sites reached are checked
-        once per model and dropout configuration."""
+        """One pass (:func:`forward`: compiled on JAX, eager on PyTorch); the sites reached are checked once per
+        model and dropout configuration."""
         with self._lock:
             entry = self._compiled.setdefault(model, {"lock": threading.Lock(), "functions": {}})
         checked = entry["functions"].get(("portable", session.sites.signature))

@@ -39,7 +39,8 @@ import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from mcu.backends.keras import keys as _keys, switches as _switches
+from mcu.backends.keras import keys as _keys
+from mcu.backends.keras import switches as _switches
 from mcu.backends.keras.graph import (
     Key,
     Step,

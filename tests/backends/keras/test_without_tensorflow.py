@@ -85,7 +85,7 @@ def test_sample_predict_and_query_without_tensorflow(framework):
                TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("MCU_BACKEND", None)
     done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          check=False, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["keras"] == framework
@@ -107,3 +107,43 @@ def test_sample_predict_and_query_without_tensorflow(framework):
     assert "tensorflow  not installed" in out["info"] and f"keras on    {framework} " in out["info"]
     assert f"installed: tensorflow (Keras on {framework})" in out["info"]
     assert np.isfinite(out["spread"]) and out["spread"] > 0
+
+
+def test_keras_on_tensorflow_without_tensorflow_is_a_clear_error():
+    require_module("keras")
+    script = r"""
+from tests import _no_tensorflow
+_no_tensorflow.install()
+import mcu
+from mcu.backends import get_backend
+from mcu.core.info import backend_info, format_info
+print(format_info(backend_info()))
+try:
+    get_backend("tensorflow")
+except mcu.BackendNotInstalledError as exc:
+    print("ERROR", exc)
+"""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=str(ROOT))
+    env.pop("MCU_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tensorflow  not installed" in done.stdout and "installed: tensorflow" not in done.stdout
+    error = done.stdout.split("ERROR ", 1)[1]
+    assert "Keras runs on tensorflow (KERAS_BACKEND) but TensorFlow is not installed" in error
+    assert 'pip install "mcu[tensorflow]"' in error and "KERAS_BACKEND=jax or torch" in error
+
+
+@pytest.mark.parametrize("framework, fix", [("jax", 'pip install "mcu[keras]" "jax[cpu]"'),
+                                            ("torch", 'pip install "mcu[keras,torch]"')])
+def test_keras_on_a_missing_framework_says_what_to_install(monkeypatch, framework, fix):
+    from mcu import backends
+
+    monkeypatch.setattr(backends, "keras_backend", lambda: (framework, "KERAS_BACKEND"))
+    monkeypatch.setattr(backends, "_found", lambda module: module != framework)
+    assert backends.missing("tensorflow") == (f"Keras runs on {framework} (KERAS_BACKEND) but {framework} is not "
+                                              f"installed: {fix}")
+    monkeypatch.setattr(backends, "_found", lambda module: module != "tensorflow")  # TensorFlow is not needed
+    assert backends.missing("tensorflow") is None
+    monkeypatch.setattr(backends, "keras_backend", lambda: None)
+    assert 'pip install "mcu[tensorflow]"' in backends.missing("tensorflow")
