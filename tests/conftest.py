@@ -47,8 +47,8 @@ def require_module(name: str) -> Any:
     """Import and return module ``name``; if it cannot be imported, skip (locally) or fail (when required).
 
     Required means: ``name``'s backend is listed in ``MCU_REQUIRE_BACKENDS`` (torch; keras for ``tensorflow``, and
-    tensorflow too when Keras runs on TensorFlow), or ``name`` is ray/pyarrow and ``MCU_REQUIRE_RAY=1``. Usable at module level (it then
-    skips or fails the whole module) and inside a test.
+    tensorflow too when Keras runs on TensorFlow), or ``name`` is ray/pyarrow and ``MCU_REQUIRE_RAY=1``. Usable at
+    module level (it then skips or fails the whole module) and inside a test.
     """
     try:
         return importlib.import_module(name)

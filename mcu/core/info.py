@@ -41,7 +41,8 @@ def backend_info(model: Any = None) -> dict[str, Any]:
         selected = None
         portable = keras_on is not None and keras_on[0] != "tensorflow"
         installed = ", ".join(name + (f" (Keras on {keras_on[0]})" if name == "tensorflow" and portable else "")
-                              for name in frameworks if missing(name) is None)
+                              for name, version in frameworks.items()
+                              if missing(name) is None and (version or name == "tensorflow"))
         hint = 'none: pip install "mcu[torch]" or "mcu[tensorflow]"'
         reason = f"nothing configured: detected per call from the model type (installed: {installed or hint})"
     return {"python": platform.python_version(), "frameworks": frameworks, "selected": selected, "reason": reason,
