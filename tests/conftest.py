@@ -3,13 +3,13 @@
 Locally a missing framework skips its half; set ``MCU_REQUIRE_BACKENDS=torch,tensorflow`` (CI does) to turn
 such a skip into a failure, so a broken install can never pass as green. Framework-specific test modules
 import their framework with :func:`require_module` (not ``pytest.importorskip``) for the same guarantee;
-``MCU_REQUIRE_RAY=1`` does the same for Ray.
+``MCU_REQUIRE_RAY=1`` does the same for Ray. ``MCU_BLOCK_TENSORFLOW=1`` hides TensorFlow from the test process
+(as if not installed: :mod:`tests._no_tensorflow`), to run the Keras tests on JAX or PyTorch without it.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from typing import Any
 
@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if os.environ.get("MCU_BLOCK_TENSORFLOW") == "1":
+    from tests import _no_tensorflow
+
+    _no_tensorflow.install()
 
 BACKENDS = ("torch", "tensorflow")
-_MODULE = {"torch": "torch", "tensorflow": "tensorflow"}
 
 
 #: module -> the backend it belongs to (a module whose backend is in MCU_REQUIRE_BACKENDS must import)
@@ -32,17 +35,27 @@ def _required_backends() -> list[str]:
     return [b.strip() for b in os.environ.get("MCU_REQUIRE_BACKENDS", "").split(",") if b.strip()]
 
 
+def _keras_framework() -> str | None:
+    """The framework Keras runs on in this process (None: Keras is not installed)."""
+    from mcu.backends import keras_backend
+
+    found = keras_backend()
+    return None if found is None else found[0]
+
+
 def require_module(name: str) -> Any:
     """Import and return module ``name``; if it cannot be imported, skip (locally) or fail (when required).
 
-    Required means: ``name``'s backend is listed in ``MCU_REQUIRE_BACKENDS`` (torch; tensorflow and keras for
-    ``tensorflow``), or ``name`` is ray/pyarrow and ``MCU_REQUIRE_RAY=1``. Usable at module level (it then
-    skips or fails the whole module) and inside a test.
+    Required means: ``name``'s backend is listed in ``MCU_REQUIRE_BACKENDS`` (torch; keras for ``tensorflow``, and
+    tensorflow too when Keras runs on TensorFlow), or ``name`` is ray/pyarrow and ``MCU_REQUIRE_RAY=1``. Usable at
+    module level (it then skips or fails the whole module) and inside a test.
     """
     try:
         return importlib.import_module(name)
     except ImportError as exc:
         backend = _BACKEND_OF.get(name)
+        if name == "tensorflow" and _keras_framework() not in (None, "tensorflow"):
+            backend = None  # the Keras backend runs on JAX or PyTorch here: TensorFlow is not part of it
         if backend is not None and backend in _required_backends():
             pytest.fail(f"{name} is required (MCU_REQUIRE_BACKENDS includes {backend!r}) but cannot be imported: "
                         f"{exc}", pytrace=False)
@@ -99,11 +112,15 @@ def keras_training_passes(keras: Any, model: Any, x: np.ndarray, n: int) -> np.n
 
 
 def require_backend(name: str) -> None:
-    """Skip (locally) or fail (when required) if ``name``'s framework is not importable."""
-    if importlib.util.find_spec(_MODULE[name]) is None:
+    """Skip (locally) or fail (when required) if ``name``'s framework is not importable (for ``tensorflow``: Keras
+    and the framework it runs on)."""
+    from mcu.backends import missing
+
+    problem = missing(name)
+    if problem is not None:
         if name in _required_backends():
-            pytest.fail(f"backend {name!r} is required (MCU_REQUIRE_BACKENDS) but its framework is not installed")
-        pytest.skip(f"{name} is not installed")
+            pytest.fail(f"backend {name!r} is required (MCU_REQUIRE_BACKENDS) but cannot run: {problem}")
+        pytest.skip(problem)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from mcu.config import Choice, configured_backend
 from mcu.errors import BackendError, BackendMismatchError, BackendNotInstalledError
 
-__all__ = ["REGISTRY", "detect", "get_backend", "installed_frameworks", "keras_backend", "resolve"]
+__all__ = ["REGISTRY", "detect", "get_backend", "installed_frameworks", "keras_backend", "missing", "resolve"]
 
 #: canonical name -> (implementation, distributions that provide the framework, pip extra)
 REGISTRY: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -54,11 +54,20 @@ def detect(model: Any) -> str | None:
     return _type_cache[kind]
 
 
+def _found(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def installed_frameworks() -> dict[str, str | None]:
     """Installed version of each framework (``None`` when absent), read from metadata without importing it."""
     versions = {}
     for name, (_, dists, _) in REGISTRY.items():
         version = None
+        if name in ("tensorflow", "torch") and not _found(name):
+            dists = ()  # metadata of a removed or hidden package; for tensorflow, Keras alone is not TensorFlow
         for dist in dists:
             try:
                 version = importlib.metadata.version(dist)
@@ -73,7 +82,8 @@ def keras_backend() -> tuple[str, str] | None:
     """The framework Keras 3 runs on (``"tensorflow"``, ``"jax"``, ``"torch"``) and why, resolved as Keras does
     (``KERAS_BACKEND``, then the ``backend`` of ``$KERAS_HOME/keras.json`` or ``~/.keras/keras.json``, then
     TensorFlow) without importing Keras; the running Keras' answer once it is imported. None when Keras is not
-    installed. The ``tensorflow`` backend of mcu handles Keras models whichever framework Keras runs on."""
+    installed. The ``tensorflow`` backend of mcu handles Keras models whichever framework Keras runs on (only
+    Keras on TensorFlow needs TensorFlow)."""
     keras = sys.modules.get("keras")
     if keras is not None and hasattr(keras, "backend"):
         return keras.backend.backend(), "Keras is imported in this process"
@@ -96,6 +106,28 @@ def keras_backend() -> tuple[str, str] | None:
     return "tensorflow", "Keras' default"
 
 
+def missing(name: str) -> str | None:
+    """Why backend ``name`` (torch or tensorflow) cannot run in this environment, with the fix, or None when it
+    can (or for another name); checked without importing a framework. The Keras backend (``tensorflow``) needs Keras and the framework Keras runs on
+    (:func:`keras_backend`): TensorFlow, JAX or PyTorch."""
+    if name == "tensorflow":
+        on = keras_backend()
+        if on is None:
+            return ('Keras is not installed: pip install "mcu[tensorflow]" (or "mcu[keras]" for Keras on JAX or '
+                    "PyTorch)")
+        framework, why = on
+        if framework in ("jax", "torch") and not _found(framework):
+            fix = '"mcu[keras]" "jax[cpu]"' if framework == "jax" else '"mcu[keras,torch]"'
+            return f"Keras runs on {framework} ({why}) but {framework} is not installed: pip install {fix}"
+        if framework == "tensorflow" and not _found("tensorflow"):
+            return (f'Keras runs on tensorflow ({why}) but TensorFlow is not installed: pip install "mcu[tensorflow]" '
+                    "(or set KERAS_BACKEND=jax or torch)")
+        return None
+    if name == "torch" and not _found("torch"):
+        return 'torch is not installed: pip install "mcu[torch]"'
+    return None
+
+
 _instances: dict[str, Any] = {}
 
 
@@ -106,14 +138,15 @@ def get_backend(name: str) -> Any:
     if name not in _instances:
         target, _, extra = REGISTRY[name]
         module_name, class_name = target.split(":")
-        try:
-            module = importlib.import_module(module_name)
+        try:  # the factory may import the framework too (the Keras package picks its class by Keras' framework)
+            backend = getattr(importlib.import_module(module_name), class_name)()
         except ImportError as exc:
+            problem = missing(name)
             raise BackendNotInstalledError(
                 f"backend {name!r} needs a framework that is not installed ({exc}); "
-                f'install it with: pip install "mcu[{extra}]"'
+                + (problem or f'install it with: pip install "mcu[{extra}]"')
             ) from exc
-        _instances[name] = getattr(module, class_name)()
+        _instances[name] = backend
     return _instances[name]
 
 

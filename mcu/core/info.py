@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from typing import Any
 
-from mcu.backends import detect, installed_frameworks, keras_backend
+from mcu.backends import detect, installed_frameworks, keras_backend, missing
 from mcu.config import configured_backend
 from mcu.errors import MCUError
 
@@ -39,7 +39,10 @@ def backend_info(model: Any = None) -> dict[str, Any]:
         selected, reason = detect(model), f"detected from the model type {type(model).__qualname__}"
     else:
         selected = None
-        installed = ", ".join(name for name, version in frameworks.items() if version)
+        portable = keras_on is not None and keras_on[0] != "tensorflow"
+        installed = ", ".join(name + (f" (Keras on {keras_on[0]})" if name == "tensorflow" and portable else "")
+                              for name, version in frameworks.items()
+                              if missing(name) is None and (version or name == "tensorflow"))
         hint = 'none: pip install "mcu[torch]" or "mcu[tensorflow]"'
         reason = f"nothing configured: detected per call from the model type (installed: {installed or hint})"
     return {"python": platform.python_version(), "frameworks": frameworks, "selected": selected, "reason": reason,

@@ -12,7 +12,7 @@ import mcu
 from mcu.active import query, querying
 from mcu.active.acquisition import bald, entropy
 from mcu.errors import InputError
-from tests.conftest import require_backend
+from tests.conftest import require_backend, require_module
 
 
 def tiny_model(backend: str, p: float = 0.5, n_in: int = 4, n_out: int = 3):
@@ -210,8 +210,7 @@ def test_shuffled_or_truncated_dataloader_is_rejected(torch_model):
 
 
 def test_tf_data_pool_matches_the_numpy_pool(torch_model):
-    require_backend("tensorflow")
-    import tensorflow as tf
+    tf = require_module("tensorflow")  # tf.data itself, not only the Keras backend (which may run on JAX)
 
     x = pool(23)
     expected = _numpy_answer(torch_model, x)

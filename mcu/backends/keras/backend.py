@@ -1,5 +1,6 @@
-"""TensorFlow / Keras 3 backend: dropout sites run with ``training=True``, everything else in inference mode
-(BatchNormalization uses its moving statistics, augmentation layers are inactive).
+"""The Keras 3 backend on TensorFlow: dropout sites run with ``training=True``, everything else in inference mode
+(BatchNormalization uses its moving statistics, augmentation layers are inactive). The framework-free part
+(sites, sessions, errors) is :class:`.base.BaseKerasBackend`; this module adds the TensorFlow passes and fast paths.
 
 How: nothing on the model is changed. :mod:`.switches` decides the sites (dropout-family layers, RNN layers
 with ``dropout``/``recurrent_dropout``, attention dropout; rate 0 is no site) and switches them on inside the
@@ -18,32 +19,26 @@ layer) draw from the block's first key (:attr:`_SplitAdapter.native_rng`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import record as _tape_record
 
-from mcu.backends.keras import masks as _masks, memory as _memory, portable as _portable, precision as _precision
+from mcu.backends.keras import keys as _keys, masks as _masks, memory as _memory, precision as _precision
 from mcu.backends.keras import split as _split, switches as _switches
-from mcu.errors import DropoutSiteWarning, InputError, MCUError, NoDropoutError
+from mcu.backends.keras.base import STRUCTURED_SPLIT, BaseKerasBackend
+from mcu.errors import InputError, MCUError
 from mcu.structured import Batch, is_structured, select_output
 
 __all__ = ["KerasBackend"]
 
-_DROPOUT_TYPES = _switches.DROPOUT_TYPES
-_SITE_NAMES = ("Dropout, SpatialDropout1D/2D/3D, GaussianDropout, AlphaDropout (rate > 0), an RNN layer with "
-               "dropout or recurrent_dropout > 0, or an attention layer with dropout > 0")
-_STRUCTURED_SPLIT = "the model takes structured inputs; prefix caching supports one input tensor"
 _POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-# Frames of these packages (mcu's backend hooks included): an exception raised there is a layer refusing its input
-_FRAMEWORK_DIRS = tuple(os.path.dirname(m.__file__) for m in (keras, tf)) + (os.path.dirname(__file__),)
 
 
 def _native_fp16() -> bool:
@@ -56,29 +51,6 @@ def _native_fp16() -> bool:
     except OSError:
         return False
     return "avx512_fp16" in flags or "amx_fp16" in flags
-
-
-def _raised_by_framework(exc: BaseException) -> bool:
-    """Whether the innermost Python frame of ``exc`` is Keras' or TensorFlow's (a layer refused its inputs),
-    not the model's own code."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is None or tb.tb_frame.f_code.co_filename.startswith(_FRAMEWORK_DIRS)
-
-
-def _model_error(model: Any, x: tf.Tensor, exc: BaseException) -> MCUError:
-    """The error for an exception of a forward pass: the input's fault (the model refused it) or the model's."""
-    if isinstance(exc, MCUError):
-        return exc
-    first = tf.nest.flatten(x)[0]
-    shape = tuple(first.shape[1:]) if tf.is_tensor(x) else tf.nest.map_structure(lambda t: tuple(t.shape[1:]), x)
-    if isinstance(exc, (ValueError, TypeError, tf.errors.InvalidArgumentError)) and _raised_by_framework(exc):
-        dtype = getattr(first.dtype, "name", str(first.dtype))
-        return InputError(f"x: the model rejected inputs of per-example shape {shape} and dtype {dtype} "
-                          f"(a pass of {first.shape[0]} rows): {exc}")
-    return InputError(f"model: {type(model).__qualname__} raised {type(exc).__name__} during a forward pass on x of "
-                      f"per-example shape {shape}: {exc} (the original exception is the cause)")
 
 
 class _Frontier(list):
@@ -143,81 +115,12 @@ class _SplitAdapter:
         return self._split.fast_layers
 
 
-class KerasBackend:
+class KerasBackend(BaseKerasBackend):
     """MC dropout for Keras 3 models (Sequential, Functional, subclassed, nested) on TensorFlow."""
 
-    name = "tensorflow"
-    dropout_types = _DROPOUT_TYPES
-
-    def __init__(self) -> None:
-        self._compiled: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-        self._warned: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
-
-    def is_model(self, obj: Any) -> bool:
-        return isinstance(obj, keras.layers.Layer)
-
-    def sites(self, model: keras.layers.Layer) -> _switches.Sites:
-        """The dropout sites of ``model`` (see :mod:`.switches`); raises :class:`NoDropoutError` if none."""
-        sites = _switches.find_sites(model)
-        if not sites.layers:
-            zero = [layer.name for layer in model._flatten_layers(include_self=True, recursive=True)
-                    if _switches.configured_dropout(layer)]
-            if zero:
-                raise NoDropoutError(
-                    f"model: {type(model).__qualname__}'s dropout layer(s) {zero} all have rate 0, so every MC "
-                    "sample would be identical; expected at least one dropout site with a rate > 0."
-                )
-            raise NoDropoutError(
-                f"model: {type(model).__qualname__} has no dropout layer, so every MC sample would be "
-                f"identical; expected at least one of keras.layers.{_SITE_NAMES}."
-            )
-        if sites.unknown_random and self._warned.get(model) != sites.signature:
-            self._warned[model] = sites.signature
-            warnings.warn(
-                f"mcu: layer(s) {[f'{layer.name} ({type(layer).__name__})' for layer in sites.unknown_random]} take "
-                "`training` and own a random seed generator but are not dropout layers mcu knows: they run with "
-                "training=False while sampling (no randomness from them). If they implement dropout, build them "
-                "from keras.layers.Dropout.",
-                DropoutSiteWarning, stacklevel=4,
-            )
-        return sites
-
-    def dropout_layers(self, model: keras.layers.Layer) -> list[keras.layers.Layer]:
-        """Every dropout site of ``model`` (rate > 0); raises :class:`NoDropoutError` if none."""
-        return list(self.sites(model).layers)
-
-    def stacking_problem(self, model: keras.layers.Layer, split: Any = None) -> str | None:
-        """Why stacked copies of the batch in one pass would not sample independently (None: they would): a
-        ``Dropout`` with ``noise_shape[0] == 1`` draws one mask for the whole batch, so every stacked copy would
-        get the same mask. Layers whose masks ``split`` draws per sample (its fast path) are fine."""
-        fast = {id(layer) for layer in getattr(split, "fast_layers", [])}
-        shared = [layer.name for layer in self.dropout_layers(model)
-                  if getattr(layer, "noise_shape", None) is not None and len(layer.noise_shape) > 0
-                  and layer.noise_shape[0] == 1 and id(layer) not in fast]
-        if not shared:
-            return None
-        return (f"dropout layer(s) {shared} share one mask across the batch (noise_shape[0] == 1), so stacked "
-                "copies of the batch would share it too")
-
-    @contextlib.contextmanager
-    def mc_mode(self, model: keras.layers.Layer, mode: str = "dropout", x: Any = None) -> Iterator[None]:
-        """Open a sampling session for ``model`` in this context (thread or asyncio task): :meth:`forward` then
-        runs MC passes. Nothing on the model is changed; nothing to restore. Yields None (the passes run on the
-        model itself). ``x`` is accepted for the protocol and not needed here."""
-        sites = self.sites(model)
-        with _switches.using_session(model, _switches.Session(mode, sites, _switches.KeyStream(None))):
-            yield None
-
-    @contextlib.contextmanager
-    def seeded(self, model: keras.layers.Layer, seed: int | None) -> Iterator[None]:
-        """Passes of :meth:`forward` inside the block draw from keys derived from ``seed`` (fresh entropy when
-        None), in this context only; the model's seed generators are never read or written."""
-        current = _switches.session(model)
-        sites = current.sites if current is not None else self.sites(model)
-        mode = current.mode if current is not None else None
-        with _switches.using_session(model, _switches.Session(mode, sites, _switches.KeyStream(seed))):
-            yield
+    key_stream = _keys.TensorKeyStream
+    input_errors = (ValueError, TypeError, tf.errors.InvalidArgumentError)
+    framework_dirs = BaseKerasBackend.framework_dirs + (os.path.dirname(tf.__file__),)
 
     def model_for_precision(self, model: keras.layers.Layer, precision: str) -> keras.layers.Layer:
         """The model itself for fp32; for bf16/fp16 a cached mixed-precision copy (weights synced from the
@@ -240,9 +143,6 @@ class KerasBackend:
                 "Expected precision='fp32', or build the model under keras.mixed_precision yourself."
             )
         return clone
-
-    def precision(self, model: keras.layers.Layer, precision: str) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # the precision lives in the model copy (model_for_precision)
 
     def to_tensor(self, model: keras.layers.Layer, x: Any) -> tf.Tensor | Batch:
         """``x`` as a dense eager tensor (a ``tf.Variable`` is read once: the sampling never sees the variable,
@@ -305,19 +205,10 @@ class KerasBackend:
         sites = session.sites.without_layers()
 
         def body(x: tf.Tensor, key: tf.Tensor) -> Any:
-            with _switches.active(sites, key, force=not training, reached=reached):
+            with _switches.active(sites, _keys.seed_values(key, sites), force=not training, reached=reached):
                 return ref()(x, training=training)
 
         return body, reached
-
-    def forward(self, model: keras.layers.Layer, x: tf.Tensor | Batch) -> Any:
-        """One MC pass: the model's raw output (a tensor or a structure; see :meth:`select_output`)."""
-        if isinstance(x, Batch):
-            x = x.as_input() if x.keys is not None else list(x.leaves)
-        session = _switches.session(model)
-        if session is None or session.mode is None:
-            raise RuntimeError("KerasBackend.forward must run inside mc_mode()")
-        return self._run(model, session, x)
 
     def _run(self, model: keras.layers.Layer, session: _switches.Session, x: Any) -> Any:
         """One traced pass (TensorFlow)."""
@@ -332,7 +223,7 @@ class KerasBackend:
         except tf.errors.ResourceExhaustedError:
             raise  # not an input problem: lower chunk_size / max_memory
         except Exception as exc:  # noqa: BLE001 - classified: the input's fault or the model's, original as cause
-            raise _model_error(model, x, exc) from exc
+            raise self._model_error(model, x, exc) from exc
         return out
 
     def select_output(self, out: Any, output: Any) -> tf.Tensor:
@@ -345,7 +236,7 @@ class KerasBackend:
     def split(self, model: keras.layers.Layer, x: tf.Tensor) -> tuple[Any, str]:
         """A validated prefix/suffix split of a Functional/Sequential model (see :mod:`.split`)."""
         if isinstance(x, Batch):
-            return None, _STRUCTURED_SPLIT
+            return None, STRUCTURED_SPLIT
         session = _switches.session(model)
         sites = session.sites if session is not None and session.sites is not None else self.sites(model)
         with _tape_record.stop_recording():  # validation runs the model eagerly
@@ -356,14 +247,6 @@ class KerasBackend:
         """One Philox key per sample, ``(k, 1)`` uint64: the split's fast dropout masks of sample ``j`` come
         from ``seeds[j]`` alone (sites without a fast path draw from the block's first key)."""
         return _masks.sample_keys(seeds)
-
-    @contextlib.contextmanager
-    def worker_threads(self, workers: int) -> Iterator[None]:
-        """Nothing to divide: TensorFlow's intra-op thread pool is process-wide and fixed once it started."""
-        yield
-
-    def worker_context(self, model: keras.layers.Layer, precision: str) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
 
     def activation_bytes(self, run: Callable[[], Any]) -> int | None:
         """Bytes of all leaf-layer outputs produced by ``run()`` (plus the fast suffix's masked and repeated
@@ -378,12 +261,6 @@ class KerasBackend:
     def nbytes(self, t: tf.Tensor) -> int:
         return int(tf.size(t)) * t.dtype.size
 
-    def weight_bytes(self, model: keras.layers.Layer) -> int:
-        return _memory.weight_bytes(model)
-
-    def free_bytes(self, model: keras.layers.Layer) -> int | None:
-        return _memory.free_bytes()
-
     def repeat(self, x: tf.Tensor | Batch, n: int) -> tf.Tensor | Batch:
         if isinstance(x, Batch):
             return x.map(lambda t: tf.tile(t, [n] + [1] * (len(t.shape) - 1)))
@@ -393,64 +270,3 @@ class KerasBackend:
         if t.dtype in (tf.bfloat16, tf.float16):
             t = tf.cast(t, tf.float32)
         return t.numpy()
-
-
-class PortableKerasBackend(KerasBackend):
-    """The Keras backend when Keras runs on JAX or PyTorch (:mod:`.portable`): the same sites, switches and
-    seeds, full passes (``jax.jit``-compiled on JAX, eager on PyTorch); the TensorFlow fast paths (prefix split,
-    per-sample masks, metering, mixed-precision copies) are not available, and each says why."""
-
-    def model_for_precision(self, model: keras.layers.Layer, precision: str) -> keras.layers.Layer:
-        if precision != "fp32":
-            raise InputError(f"precision: {precision!r} on the tensorflow backend needs Keras on TensorFlow (this Keras "
-                             f"runs on {_portable.NAME!r}); expected precision='fp32'.")
-        return model
-
-    def to_tensor(self, model: keras.layers.Layer, x: Any) -> Any:
-        compute = getattr(model, "compute_dtype", None)
-        if is_structured(x):
-            return Batch.convert(x, lambda leaf, name: _portable.to_tensor(leaf, name, compute))
-        return _portable.to_tensor(x, "x", compute)
-
-    def _run(self, model: keras.layers.Layer, session: _switches.Session, x: Any) -> Any:
-        """An eager pass for Keras on JAX or PyTorch (:mod:`.portable`); the sites reached are checked
-        once per model and dropout configuration."""
-        with self._lock:
-            entry = self._compiled.setdefault(model, {"lock": threading.Lock(), "functions": {}})
-        checked = entry["functions"].get(("portable", session.sites.signature))
-        reached: set[int] | None = None if checked else set()
-        try:
-            out = _portable.forward(model, x, session, session.stream.take(1), reached)
-        except MCUError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified: the input's fault or the model's, original as cause
-            raise _model_error(model, x, exc) from exc
-        if reached is not None:
-            _switches.check_reached(session.sites.layers, reached, "a forward pass")
-            entry["functions"][("portable", session.sites.signature)] = True
-        return out
-
-    def select_output(self, out: Any, output: Any) -> Any:
-        return select_output(out, output, keras.ops.is_tensor)  # JAX / torch arrays
-
-    def split(self, model: keras.layers.Layer, x: Any) -> tuple[Any, str]:
-        return None, _STRUCTURED_SPLIT if isinstance(x, Batch) else _portable.unsplittable()
-
-    def activation_bytes(self, run: Callable[[], Any]) -> int | None:
-        return None  # no static trace to meter outside TensorFlow
-
-    def nbytes(self, t: Any) -> int:
-        return _portable.nbytes(t)
-
-    def repeat(self, x: Any, n: int) -> Any:
-        if isinstance(x, Batch):
-            return x.map(lambda t: _portable.repeat(t, n))
-        return _portable.repeat(x, n)
-
-    def to_numpy(self, t: Any) -> np.ndarray:
-        return _portable.to_numpy(t)
-
-
-def create() -> KerasBackend:
-    """The Keras backend for the framework this process's Keras runs on (the registry's entry point)."""
-    return PortableKerasBackend() if _portable.PORTABLE else KerasBackend()

@@ -5,7 +5,7 @@ call), so the passes of :mod:`.portable` are compiled instead: one ``jax.jit`` f
 per-example input shape and dtype, and dropout configuration (cached beside the model; JAX compiles it once per
 batch size). The model's variables are arguments of the function, read on every call (never baked in, so
 weights changed later are used), and the seed generators' states are arguments derived from the pass key
-(:func:`.switches._numpy_seed_values`), so every pass draws new masks without retracing. The switches of
+(:func:`.switches.seed_values`), so every pass draws new masks without retracing. The switches of
 :func:`.switches.active` are Python decisions baked into the trace, as for the TensorFlow path's traced
 functions; no variable is written (the pass runs in a ``keras.StatelessScope``).
 """
@@ -80,7 +80,7 @@ def forward(model: Any, x: Any, session: _switches.Session, key: np.ndarray, rea
             if compiled is None:
                 compiled = entry["functions"][signature] = _compile(model, session)
     run, traced = compiled
-    seeds = _switches._numpy_seed_values(int(np.asarray(key).reshape(-1)[0]), len(session.sites.generators))
+    seeds = _switches.seed_values(key, len(session.sites.generators))
     out = run(_values(model, model.trainable_variables), _values(model, model.non_trainable_variables),
               seeds.astype(np.uint32), x)
     if reached is not None:

@@ -1,4 +1,5 @@
-"""Activation metering for Keras: a rough per-pass memory estimate for the auto strategy's budget."""
+"""Memory estimates for Keras, for the auto strategy's budget: the weights (any Keras backend) and activation
+metering (a rough per-pass estimate, TensorFlow path)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from typing import Any, Callable
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from mcu import _host
 from mcu.backends.keras import switches as _switches
@@ -23,9 +23,14 @@ def activation_bytes(run: Callable[[], Any]) -> int:
     ``run`` is traced into a throwaway graph and never executed: no activation memory is allocated (an eager
     pass would peak at about its activations) and no random state moves. Metering is local to this context
     (:func:`._switches.metering`): the backend's functions run their Python meanwhile, other threads' calls
-    are neither counted nor changed.
+    are neither counted nor changed. TensorFlow path only (imported here: the module serves every backend).
     """
-    with _switches.metering() as meter:
+    import tensorflow as tf
+
+    def measure(t: Any) -> int:  # tensors of static shape count; anything else does not
+        return t.shape.num_elements() * t.dtype.size if tf.is_tensor(t) and t.shape.is_fully_defined() else 0
+
+    with _switches.metering(measure) as meter:
         tf.function(lambda: (run(), None)[1], autograph=False).get_concrete_function()
     return meter[0]
 

@@ -1,28 +1,34 @@
-"""Keras 3 on JAX or PyTorch (``KERAS_BACKEND=jax|torch``): full passes, the same switches.
+"""The Keras 3 backend on JAX or PyTorch (``KERAS_BACKEND=jax|torch``): full passes, the same switches, no
+TensorFlow.
 
-The backend's own fast paths (traced functions, the prefix split, per-sample masks, the mixed-precision copy)
-are TensorFlow code; on another Keras backend the ``loop`` and ``vectorized`` strategies run full passes of the
-model inside :func:`.switches.active` (sites on, seeds from the pass key, no variable written): compiled with
+:class:`PortableKerasBackend` shares the sites, sessions and seeds of :class:`.base.BaseKerasBackend`. The
+TensorFlow path's fast paths (traced functions, the prefix split, per-sample masks, the mixed-precision copy) are
+TensorFlow code; here the ``loop`` and ``vectorized`` strategies run full passes of the model inside
+:func:`.switches.active` (sites on, seeds from the pass key with numpy, no variable written): compiled with
 ``jax.jit`` on JAX (:mod:`.jit`), eager on PyTorch. The split reports why it is not available, so
-``auto`` says so in ``SampleInfo``.
+``auto`` says so in ``SampleInfo``. Nothing here imports TensorFlow.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import threading
+from typing import Any, Callable, Iterator
 
 import keras
 import numpy as np
 
+from mcu import _seeds
 from mcu.backends.keras import switches as _switches
-from mcu.errors import InputError
+from mcu.backends.keras.base import STRUCTURED_SPLIT, BaseKerasBackend
+from mcu.errors import InputError, MCUError
+from mcu.structured import Batch, is_structured, select_output
 
-__all__ = ["NAME", "PORTABLE", "no_gradients", "nbytes", "repeat", "to_numpy", "to_tensor", "unsplittable"]
+__all__ = ["NAME", "PortableKerasBackend", "no_gradients", "nbytes", "repeat", "to_numpy", "to_tensor",
+           "unsplittable"]
 
+#: The framework Keras runs on here (``jax`` or ``torch``)
 NAME = keras.backend.backend()
-#: Keras runs on another framework than TensorFlow: the eager path of this module is used.
-PORTABLE = NAME != "tensorflow"
 
 
 def unsplittable() -> str:
@@ -95,7 +101,8 @@ def forward(model: Any, x: Any, session: _switches.Session, key: np.ndarray, rea
 
         return jit.forward(model, x, session, key, reached)
     training = session.mode == "training"
-    with no_gradients(), _switches.active(session.sites, key, force=not training, reached=reached):
+    seeds = _switches.seed_values(key, len(session.sites.generators))
+    with no_gradients(), _switches.active(session.sites, seeds, force=not training, reached=reached):
         return model(x, training=training)
 
 
@@ -117,3 +124,63 @@ def to_numpy(t: Any) -> np.ndarray:
 
 def nbytes(t: Any) -> int:
     return int(np.prod(t.shape)) * np.dtype(keras.backend.standardize_dtype(t.dtype)).itemsize
+
+
+class PortableKerasBackend(BaseKerasBackend):
+    """The Keras backend when Keras runs on JAX or PyTorch: the same sites, switches and seeds as on TensorFlow,
+    full passes (``jax.jit``-compiled on JAX, eager on PyTorch); the TensorFlow fast paths (prefix split,
+    per-sample masks, metering, mixed-precision copies) are not available, and each says why."""
+
+    def model_for_precision(self, model: keras.layers.Layer, precision: str) -> keras.layers.Layer:
+        if precision != "fp32":
+            raise InputError(f"precision: {precision!r} on the tensorflow backend needs Keras on TensorFlow (this Keras "
+                             f"runs on {NAME!r}); expected precision='fp32'.")
+        return model
+
+    def to_tensor(self, model: keras.layers.Layer, x: Any) -> Any:
+        compute = getattr(model, "compute_dtype", None)
+        if is_structured(x):
+            return Batch.convert(x, lambda leaf, name: to_tensor(leaf, name, compute))
+        return to_tensor(x, "x", compute)
+
+    def _run(self, model: keras.layers.Layer, session: _switches.Session, x: Any) -> Any:
+        """One pass (:func:`forward`: compiled on JAX, eager on PyTorch); the sites reached are checked once per
+        model and dropout configuration."""
+        with self._lock:
+            entry = self._compiled.setdefault(model, {"lock": threading.Lock(), "functions": {}})
+        checked = entry["functions"].get(("portable", session.sites.signature))
+        reached: set[int] | None = None if checked else set()
+        try:
+            out = forward(model, x, session, session.stream.take(1), reached)
+        except MCUError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified: the input's fault or the model's, original as cause
+            raise self._model_error(model, x, exc) from exc
+        if reached is not None:
+            _switches.check_reached(session.sites.layers, reached, "a forward pass")
+            entry["functions"][("portable", session.sites.signature)] = True
+        return out
+
+    def select_output(self, out: Any, output: Any) -> Any:
+        return select_output(out, output, keras.ops.is_tensor)  # JAX / torch arrays
+
+    def split(self, model: keras.layers.Layer, x: Any) -> tuple[Any, str]:
+        return None, STRUCTURED_SPLIT if isinstance(x, Batch) else unsplittable()
+
+    def generators(self, model: keras.layers.Layer, seeds: list[int]) -> np.ndarray:
+        """One key per sample seed, ``(k, 1)`` uint64 (:func:`mcu._seeds.sample_keys`); no split uses them here."""
+        return _seeds.sample_keys(seeds).reshape(-1, 1)
+
+    def activation_bytes(self, run: Callable[[], Any]) -> int | None:
+        return None  # no static trace to meter outside TensorFlow
+
+    def nbytes(self, t: Any) -> int:
+        return nbytes(t)
+
+    def repeat(self, x: Any, n: int) -> Any:
+        if isinstance(x, Batch):
+            return x.map(lambda t: repeat(t, n))
+        return repeat(x, n)
+
+    def to_numpy(self, t: Any) -> np.ndarray:
+        return to_numpy(t)

@@ -40,7 +40,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from mcu.errors import DropoutSiteWarning
 
@@ -55,6 +54,7 @@ __all__ = [
     "metering",
     "metering_now",
     "record",
+    "seed_values",
     "session",
     "using_session",
 ]
@@ -62,8 +62,6 @@ __all__ = [
 #: Dropout-family layers (SpatialDropout1D/2D/3D subclass ``keras.layers.Dropout``).
 DROPOUT_TYPES: tuple[type, ...] = (keras.layers.Dropout, keras.layers.GaussianDropout, keras.layers.AlphaDropout)
 _ATTENTION_TYPES: tuple[type, ...] = (keras.layers.Attention, keras.layers.AdditiveAttention)
-_PHILOX = 1  # tf.random.Algorithm.PHILOX
-_SEED_REGION = 1  # Philox counter block of a pass key for the seed generators (the fast masks use 4 * i, 4 * i + 2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,40 +175,35 @@ class _State:
     reached: set[int] | None = None  # ids of the sites called during the pass (trace)
     masks: dict = field(default_factory=dict)  # the pass's RNN dropout masks, by (id(cell), kind)
     meter: list[int] | None = None
+    measure: Callable[[Any], int] | None = None  # bytes of a recorded tensor (0: not counted)
 
 
 _STATE: contextvars.ContextVar[_State | None] = contextvars.ContextVar("mcu_keras_pass", default=None)
 
 
-def _seed_values(key: tf.Tensor, count: int) -> tf.Tensor:
-    """``(count, 2)`` int64 seed-generator states in ``[0, 2**31)`` from a ``(1,)`` uint64 pass key (Philox)."""
-    words = tf.raw_ops.StatelessRandomUniformFullIntV2(
-        shape=[2 * count], key=key, counter=tf.constant([0, _SEED_REGION], tf.uint64), alg=_PHILOX, dtype=tf.uint32)
-    return tf.reshape(tf.cast(tf.bitwise.bitwise_and(words, 0x7FFFFFFF), tf.int64), [count, 2])
-
-
-def _numpy_seed_values(key: int, count: int) -> np.ndarray:
-    """:func:`_seed_values` for Keras on JAX or PyTorch (no TensorFlow op): ``(count, 2)`` in ``[0, 2**31)``."""
+def seed_values(key: Any, count: int) -> np.ndarray:
+    """``(count, 2)`` int64 seed-generator states in ``[0, 2**31)`` from a pass key (an int or a ``(1,)`` uint64
+    array) with numpy: the seeds of a pass for Keras on JAX or PyTorch (:func:`.keys.seed_values` on TensorFlow)."""
+    key = int(np.asarray(key).reshape(-1)[0])
     words = np.random.SeedSequence([key & 0xFFFFFFFF, key >> 32]).generate_state(2 * count, np.uint32)
     return (words & np.uint32(0x7FFFFFFF)).astype(np.int64).reshape(count, 2)
 
 
 @contextlib.contextmanager
-def active(sites: Sites, key: tf.Tensor | None, *, force: bool = True,
+def active(sites: Sites, seeds: Any, *, force: bool = True,
            reached: set[int] | None = None, reads: Sequence[tuple[Any, Any]] = ()) -> Iterator[None]:
     """Run the enclosed Keras calls as an MC pass: ``sites`` with ``training=True`` (``force``), every seed
-    generator of the model seeded from ``key`` (``(1,)`` uint64, a tensor, or a numpy array for Keras on JAX
-    or PyTorch; None: their current states), no variable written. ``reached`` collects the ids of the sites that were called.
+    generator of the model seeded from ``seeds`` (``(len(sites.generators), 2)`` states derived from the pass
+    key: :func:`seed_values`, or a tensor of :func:`.keys.seed_values` on TensorFlow; None: their current
+    states), no variable written. ``reached`` collects the ids of the sites that were called.
     ``reads``: ``(variable, value)`` pairs the pass reads instead of the variables (a compiled function's
-    arguments); seeds from ``key`` take precedence."""
+    arguments); ``seeds`` take precedence."""
     outer = _STATE.get()
     state = _State(force=sites.ids if force else frozenset(), sites=sites.ids, reached=reached,
-                   meter=None if outer is None else outer.meter)
+                   meter=None if outer is None else outer.meter, measure=None if outer is None else outer.measure)
     mapping = list(reads)
-    if key is not None and sites.generators:
-        values = _seed_values(key, len(sites.generators)) if tf.is_tensor(key) else _numpy_seed_values(
-            int(np.asarray(key).reshape(-1)[0]), len(sites.generators))
-        mapping += [(g.state, values[i]) for i, g in enumerate(sites.generators)]
+    if seeds is not None and sites.generators:
+        mapping += [(g.state, seeds[i]) for i, g in enumerate(sites.generators)]
     token = _STATE.set(state)
     try:
         with keras.StatelessScope(state_mapping=mapping, initialize_variables=False):
@@ -220,14 +213,14 @@ def active(sites: Sites, key: tf.Tensor | None, *, force: bool = True,
 
 
 @contextlib.contextmanager
-def metering() -> Iterator[list[int]]:
-    """Count the bytes of every leaf-layer output (and of :func:`record`-ed tensors) of the enclosed calls,
-    in this context only; yields ``[bytes]``. The backend's traced functions run their Python meanwhile
-    (:func:`metering_now`), so the layers are seen with static shapes."""
+def metering(measure: Callable[[Any], int]) -> Iterator[list[int]]:
+    """Count the bytes (``measure(t)``) of every leaf-layer output (and of :func:`record`-ed tensors) of the
+    enclosed calls, in this context only; yields ``[bytes]``. The backend's traced functions run their Python
+    meanwhile (:func:`metering_now`), so the layers are seen with static shapes."""
     meter = [0]
     outer = _STATE.get()
     state = _State() if outer is None else _State(outer.force, outer.sites, outer.reached, outer.masks)
-    state.meter = meter
+    state.meter, state.measure = meter, measure
     token = _STATE.set(state)
     try:
         yield meter
@@ -246,10 +239,10 @@ def metering_now() -> bool:
 
 
 def record(t: Any) -> Any:
-    """Add ``t``'s bytes to the active meter (if any, and if its shape is static); returns ``t``."""
+    """Add ``t``'s bytes to the active meter (if any; its ``measure`` decides what counts); returns ``t``."""
     state = _STATE.get()
-    if state is not None and state.meter is not None and tf.is_tensor(t) and t.shape.is_fully_defined():
-        state.meter[0] += t.shape.num_elements() * t.dtype.size
+    if state is not None and state.meter is not None:
+        state.meter[0] += state.measure(t)
     return t
 
 
@@ -259,16 +252,13 @@ def record(t: Any) -> Any:
 
 class KeyStream:
     """Per-pass keys of a session: pass ``i`` gets ``splitmix64(base + i)`` (distinct for distinct ``i``);
-    ``base`` from ``np.random.SeedSequence(seed)`` (fresh entropy without a seed). :meth:`next_key` hands out
-    tensors from blocks converted at once (a conversion per pass would cost more than a small model's pass)."""
-
-    BLOCK = 64
+    ``base`` from ``np.random.SeedSequence(seed)`` (fresh entropy without a seed). The TensorFlow path hands
+    them out as tensors (:class:`.keys.TensorKeyStream`)."""
 
     def __init__(self, seed: int | None) -> None:
         words = np.random.SeedSequence(seed).generate_state(2, np.uint32)
         self._base = (int(words[0]) << 32) | int(words[1])
         self._next = 0
-        self._ready: list[tf.Tensor] = []
         self._lock = threading.Lock()
 
     def _keys(self, n: int) -> np.ndarray:
@@ -281,14 +271,6 @@ class KeyStream:
         """The next ``n`` keys, ``(n,)`` uint64."""
         with self._lock:
             return self._keys(n)
-
-    def next_key(self) -> tf.Tensor:
-        """The next key as a ``(1,)`` uint64 tensor."""
-        with self._lock:
-            if not self._ready:
-                with tf.init_scope():  # eager tensors, also when asked while a function is traced
-                    self._ready = tf.unstack(tf.constant(self._keys(self.BLOCK).reshape(-1, 1)))[::-1]
-            return self._ready.pop()
 
 
 @dataclass(frozen=True)
