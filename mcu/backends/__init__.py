@@ -108,8 +108,8 @@ def keras_backend() -> tuple[str, str] | None:
 
 def missing(name: str) -> str | None:
     """Why backend ``name`` (torch or tensorflow) cannot run in this environment, with the fix, or None when it
-    can (or for another name); checked without importing a framework. The Keras backend (``tensorflow``) needs Keras and the framework Keras runs on
-    (:func:`keras_backend`): TensorFlow, JAX or PyTorch."""
+    can (or for another name); checked without importing a framework. The Keras backend (``tensorflow``) needs
+    Keras and the framework Keras runs on (:func:`keras_backend`): TensorFlow, JAX or PyTorch."""
     if name == "tensorflow":
         on = keras_backend()
         if on is None:

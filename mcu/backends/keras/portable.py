@@ -133,8 +133,8 @@ class PortableKerasBackend(BaseKerasBackend):
 
     def model_for_precision(self, model: keras.layers.Layer, precision: str) -> keras.layers.Layer:
         if precision != "fp32":
-            raise InputError(f"precision: {precision!r} on the tensorflow backend needs Keras on TensorFlow (this Keras "
-                             f"runs on {NAME!r}); expected precision='fp32'.")
+            raise InputError(f"precision: {precision!r} on the tensorflow backend needs Keras on TensorFlow "
+                             f"(this Keras runs on {NAME!r}); expected precision='fp32'.")
         return model
 
     def to_tensor(self, model: keras.layers.Layer, x: Any) -> Any:
