@@ -156,3 +156,19 @@ def test_transformer_bench_rows_report_dense_gflops_against_the_matmul_peak(tmp_
     printed = capsys.readouterr().out
     assert "Dense-layer throughput" in printed and "x train()" in printed
     assert "Dense-layer throughput" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_transformer_copies_script_times_each_copies_value_against_the_train_loop(capsys):
+    require_backend("torch")
+    require_module("transformers")
+    import pytest
+
+    from benchmarks.transformer_copies import main
+
+    main(["--n", "1", "--t", "2", "--copies", "1,2", "--rounds", "1", "--precision", "fp32"])
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split("  ")[0] for row in rows] == ["train() loop", "vectorized x1", "vectorized x2"]
+    assert rows[0].rstrip().endswith("1.00x the fp32 train() loop")
+    for bad in (["--copies", "0"], ["--copies", "two"], ["--precision", "fp16"]):
+        with pytest.raises(SystemExit):
+            main(bad)
