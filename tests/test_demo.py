@@ -138,3 +138,16 @@ def test_digits_splits_and_corruptions():
     assert big.shape == (2, 784) and big.reshape(2, 28, 28)[:, :2].sum() == 0  # zero border
     first_pixel = np.broadcast_to(d.x_test[:2, :1, None], (2, 3, 3))  # pixel (0, 0) becomes a 3x3 block
     np.testing.assert_array_equal(big.reshape(2, 28, 28)[:, 2:5, 2:5], first_pixel)
+
+
+def test_the_default_backend_is_the_first_that_can_run(monkeypatch, tmp_path):
+    """A JAX user without PyTorch or TensorFlow gets the Keras backend (Keras on JAX), not an install error."""
+    import mcu.backends
+
+    monkeypatch.chdir(tmp_path)  # no [tool.mcu] / mcu.toml here
+    monkeypatch.delenv("MCU_BACKEND", raising=False)
+    monkeypatch.setattr(mcu.backends, "missing", lambda name: "not installed" if name == "torch" else None)
+    assert models.default_backend() == "tensorflow"
+    monkeypatch.setattr(mcu.backends, "missing", lambda name: "not installed")
+    with pytest.raises(ImportError, match="needs PyTorch or TensorFlow"):
+        models.default_backend()

@@ -12,7 +12,8 @@ uncertainty with the number of samples.
 It prints a summary and writes PNG plots, ``report.md`` and ``report.html`` to ``DIR`` (default ``./mcu-demo``).
 
 The default backend is the configured one (``MCU_BACKEND``, ``[tool.mcu]``; see :mod:`mcu.config`), else the
-first installed of torch, tensorflow. Nothing here imports a framework before the backend is chosen.
+first of torch, tensorflow that can run (the Keras backend also on JAX or PyTorch, without TensorFlow).
+Nothing here imports a framework before the backend is chosen.
 
 Modules: :mod:`~mcu.demo.data` (digits and diabetes splits, corruptions), :mod:`~mcu.demo.models` (the
 dropout networks for both frameworks), :mod:`~mcu.demo.pipeline` (the steps), :mod:`~mcu.demo.report`

@@ -31,18 +31,19 @@ BACKENDS = ("torch", "tensorflow")
 
 
 def default_backend() -> str:
-    """The configured backend (``mcu.config``), else the first installed of torch, tensorflow."""
-    from mcu.backends import installed_frameworks
+    """The configured backend (``mcu.config``), else the first of torch, tensorflow that can run here (the
+    Keras backend also with Keras on JAX or PyTorch, without TensorFlow)."""
+    from mcu.backends import missing
     from mcu.config import configured_backend
 
     choice = configured_backend()
     if choice is not None:
         return choice.name
-    installed = installed_frameworks()
     for name in BACKENDS:
-        if installed.get(name):
+        if missing(name) is None:
             return name
-    raise ImportError('the demo needs PyTorch or TensorFlow: pip install "mcu[torch]" or "mcu[tensorflow-cpu]"')
+    raise ImportError('the demo needs PyTorch or TensorFlow (or Keras on JAX): pip install "mcu[torch]", '
+                      '"mcu[tensorflow-cpu]" or "mcu[keras]" "jax[cpu]"')
 
 
 @contextlib.contextmanager
