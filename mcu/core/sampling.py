@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from mcu import _host
 from mcu._checks import check_choice, check_int
 from mcu.backends import resolve
 from mcu.backends.base import MODES, PRECISIONS
@@ -167,7 +167,7 @@ class SamplingSession:
 def _allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """The samples array, refused before it exists when it cannot fit in the memory available now."""
     need = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
-    available = available_memory()
+    available = _host.available_memory()
     if available is not None and need > available:
         raise InputError(
             f"n_samples: expected at most {available // max(1, need // shape[0]):,} samples here (the samples array "
@@ -181,22 +181,6 @@ def _allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
             f"n_samples: expected fewer samples; the samples array {shape} ({need / 2**30:.1f} GiB) could not be "
             "allocated. Draw fewer, or use mcu.predict, whose memory does not grow with n_samples."
         ) from exc
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; else the physical memory);
-    ``None`` where neither is known."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def sample(
