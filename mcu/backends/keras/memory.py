@@ -11,7 +11,7 @@ import numpy as np
 from mcu import _host
 from mcu.backends.keras import switches as _switches
 
-__all__ = ["activation_bytes", "free_bytes", "weight_bytes"]
+__all__ = ["activation_bytes", "free_bytes", "nbytes", "weight_bytes"]
 
 #: Sizes numpy cannot name without ml_dtypes
 _ITEMSIZE = {"bfloat16": 2}
@@ -35,14 +35,16 @@ def activation_bytes(run: Callable[[], Any]) -> int:
     return meter[0]
 
 
+def nbytes(t: Any) -> int:
+    """Bytes of a tensor or variable of any Keras backend, from its shape and dtype."""
+    dtype = keras.backend.standardize_dtype(t.dtype)
+    return int(np.prod(t.shape)) * (_ITEMSIZE.get(dtype) or np.dtype(dtype).itemsize)
+
+
 def weight_bytes(model: Any) -> int:
     """Bytes of ``model``'s variables (trainable or not; a variable shared between layers counts once), on any
     Keras backend."""
-    seen: dict[int, int] = {}
-    for v in model.weights:
-        dtype = keras.backend.standardize_dtype(v.dtype)
-        seen[id(v)] = int(np.prod(v.shape)) * (_ITEMSIZE.get(dtype) or np.dtype(dtype).itemsize)
-    return sum(seen.values())
+    return sum({id(v): nbytes(v) for v in model.weights}.values())
 
 
 def free_bytes() -> int | None:

@@ -19,13 +19,13 @@ import keras
 import numpy as np
 
 from mcu import _seeds
+from mcu.backends.keras import memory as _memory
 from mcu.backends.keras import switches as _switches
 from mcu.backends.keras.base import STRUCTURED_SPLIT, BaseKerasBackend
 from mcu.errors import InputError, MCUError
 from mcu.structured import Batch, is_structured, select_output
 
-__all__ = ["NAME", "PortableKerasBackend", "no_gradients", "nbytes", "repeat", "to_numpy", "to_tensor",
-           "unsplittable"]
+__all__ = ["NAME", "PortableKerasBackend", "no_gradients", "repeat", "to_numpy", "to_tensor", "unsplittable"]
 
 #: The framework Keras runs on here (``jax`` or ``torch``)
 NAME = keras.backend.backend()
@@ -122,8 +122,6 @@ def to_numpy(t: Any) -> np.ndarray:
     return out.astype(np.float32) if out.dtype.kind == "f" and out.dtype.itemsize < 4 else out
 
 
-def nbytes(t: Any) -> int:
-    return int(np.prod(t.shape)) * np.dtype(keras.backend.standardize_dtype(t.dtype)).itemsize
 
 
 class PortableKerasBackend(BaseKerasBackend):
@@ -175,7 +173,7 @@ class PortableKerasBackend(BaseKerasBackend):
         return None  # no static trace to meter outside TensorFlow
 
     def nbytes(self, t: Any) -> int:
-        return nbytes(t)
+        return _memory.nbytes(t)
 
     def repeat(self, x: Any, n: int) -> Any:
         if isinstance(x, Batch):

@@ -186,8 +186,8 @@ class KerasSplit:
     def _run_suffix(self, frontier: list, key: tf.Tensor | None = None) -> Any:
         """The suffix as layers: an MC pass with draws from ``key`` (``(1,)`` uint64), or inference (None)."""
         model = self._model_or_raise()
-        seeds = _keys.seed_values
-        with as_model_call(model), _switches.active(self._sites, seeds(key, self._sites), force=key is not None):
+        seeds = _keys.seed_values(key, self._sites)
+        with as_model_call(model), _switches.active(self._sites, seeds, force=key is not None):
             env = dict(zip(self._frontier, frontier))
             self._run(self._suffix_steps, env)
         outputs = tree.pack_sequence_as(self._outputs_struct, [env[key] for key in self._output_keys])
@@ -219,9 +219,8 @@ class KerasSplit:
         if reached is not None and key_list is not None:
             reached.update(id(layer) for layer in self._fast.values())
         key = None if key_list is None else key_list[0]
-        seeds = _keys.seed_values
-        with as_model_call(model), _switches.active(self._sites, seeds(key, self._sites), force=key is not None,
-                                                    reached=reached):
+        seeds = _keys.seed_values(key, self._sites)
+        with as_model_call(model), _switches.active(self._sites, seeds, force=key is not None, reached=reached):
             env = dict(zip(self._frontier, frontier))
             lazy = set(self._frontier) if broadcast else set()
 
